@@ -1,0 +1,15 @@
+"""Reading and writing Hugging Face safetensors checkpoints, and where each tensor sits."""
+
+from evomerge.checkpoint.layout import Block, TensorLocation, count_layers, locate
+from evomerge.checkpoint.reader import CheckpointReader, TensorInfo
+from evomerge.checkpoint.writer import CheckpointWriter
+
+__all__ = [
+    "Block",
+    "CheckpointReader",
+    "CheckpointWriter",
+    "TensorInfo",
+    "TensorLocation",
+    "count_layers",
+    "locate",
+]
