@@ -7,6 +7,7 @@ with exit status 1; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -35,7 +36,7 @@ zoo_app = typer.Typer(
 )
 app.add_typer(zoo_app, name="zoo")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -112,6 +113,59 @@ def _print_zoo_table(zoo, random_layerwise: int, markdown: Path | None) -> None:
     if markdown:
         markdown.write_text(format_table(rows, zoo.skills, pair) + "\n")
         err.print(f"wrote {markdown}")
+
+
+def _parse_size(text: str) -> int:
+    """'5GB', '500MB', '2e9' -> bytes (decimal units, as Hugging Face uses)."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMG]?)B?\s*", text.upper())
+    try:
+        value = float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}[m.group(2)]
+    except (AttributeError, ValueError):
+        raise EvomergeError(f"--shard-size: cannot read {text!r}; write e.g. 5GB or 500MB") from None
+    return int(value)
+
+
+@app.command()
+def merge(
+    recipe: Annotated[Path, typer.Argument(help="A merge recipe (mergekit-compatible YAML).")],
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write the merged checkpoint to.")],
+    device: Annotated[str, typer.Option(help="Where the merge math runs: cpu, cuda or cuda:N.")] = "cpu",
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="Saved dtype (overrides the recipe's out_dtype): float32, bfloat16, ..."),
+    ] = None,
+    shard_size: Annotated[str, typer.Option(help="Largest shard file, e.g. 5GB or 500MB.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
+) -> None:
+    """Merge models as a recipe says and write a Hugging Face checkpoint.
+
+    The output loads with transformers' AutoModelForCausalLM and AutoTokenizer. It is written
+    to a temporary directory and renamed into place, so OUT_DIR is complete or absent.
+    """
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from evomerge.merge import merge as run_merge
+    from evomerge.recipe import MergeRecipe
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvomergeError(f"--device {device}: no CUDA device is available here")
+    parsed = MergeRecipe.load(recipe)
+    if dtype is not None:
+        parsed = MergeRecipe.parse({**parsed.to_dict(), "out_dtype": dtype}, where="--dtype")
+    columns = [TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("merge", total=None)
+        run_merge(
+            parsed,
+            out_dir,
+            device=device,
+            relative_to=recipe.resolve().parent,
+            max_shard_bytes=_parse_size(shard_size),
+            overwrite=overwrite,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    out.print(f"wrote {out_dir}")
 
 
 @app.command()

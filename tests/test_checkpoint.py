@@ -27,8 +27,10 @@ def sample_tensors(seed=0):
     }
 
 
-def write(tmp_path, tensors, **kw):
+def write(tmp_path, tensors, streamed=False, **kw):
     out = tmp_path / "ckpt"
+    if streamed:
+        kw["layout"] = [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
     with CheckpointWriter(out, **kw) as w:
         for name, t in tensors.items():
             w.add(name, t)
@@ -44,18 +46,20 @@ def assert_same(reader, tensors):
         assert got.dtype == t.dtype and torch.equal(got, t)
 
 
-def test_single_file_round_trip_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("streamed", [False, True], ids=["buffered", "streamed"])
+def test_single_file_round_trip_is_bit_exact(tmp_path, streamed):
     tensors = sample_tensors()
-    out = write(tmp_path, tensors)
+    out = write(tmp_path, tensors, streamed)
     assert (out / SINGLE_FILE).exists() and not (out / INDEX_FILE).exists()
     reader = CheckpointReader(out)
     assert_same(reader, tensors)
     assert reader.num_layers == 2
 
 
-def test_sharded_round_trip_writes_an_index_and_respects_the_size_limit(tmp_path):
+@pytest.mark.parametrize("streamed", [False, True], ids=["buffered", "streamed"])
+def test_sharded_round_trip_writes_an_index_and_respects_the_size_limit(tmp_path, streamed):
     tensors = sample_tensors()
-    out = write(tmp_path, tensors, max_shard_bytes=200)
+    out = write(tmp_path, tensors, streamed, max_shard_bytes=200)
     index = json.loads((out / INDEX_FILE).read_text())
     shards = sorted({*index["weight_map"].values()})
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -83,14 +87,15 @@ def test_shards_without_an_index_are_read_as_one_checkpoint(tmp_path):
     shapes=st.lists(st.lists(st.integers(0, 5), min_size=0, max_size=3), min_size=1, max_size=6),
     dtype=st.sampled_from(DTYPES),
     limit=st.integers(1, 400),
+    streamed=st.booleans(),
 )
-def test_any_tensors_round_trip_through_any_shard_limit(tmp_path_factory, shapes, dtype, limit):
+def test_any_tensors_round_trip_through_any_shard_limit(tmp_path_factory, shapes, dtype, limit, streamed):
     g = torch.Generator().manual_seed(len(shapes))
     tensors = {
         f"t{i}": (torch.randn(*s, generator=g) * 10).to(dtype) if s else torch.tensor(1).to(dtype)
         for i, s in enumerate(shapes)
     }
-    out = write(tmp_path_factory.mktemp("rt"), tensors, max_shard_bytes=limit)
+    out = write(tmp_path_factory.mktemp("rt"), tensors, streamed, max_shard_bytes=limit)
     assert_same(CheckpointReader(out), tensors)
 
 
@@ -130,6 +135,21 @@ def test_an_existing_directory_is_refused_unless_overwrite(tmp_path):
     write(tmp_path, new, overwrite=True)
     assert_same(CheckpointReader(out), new)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_a_streamed_write_must_follow_its_declared_layout(tmp_path):
+    layout = [("a", (2,), torch.float32), ("b", (3,), torch.float32)]
+    with (
+        pytest.raises(RuntimeError, match="does not match the declared layout"),
+        CheckpointWriter(tmp_path / "c", layout=layout) as w,
+    ):
+        w.add("b", torch.zeros(3))
+    with (
+        pytest.raises(RuntimeError, match="1 declared tensors were never written"),
+        CheckpointWriter(tmp_path / "c", layout=layout) as w,
+    ):
+        w.add("a", torch.zeros(2))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_same_name_cannot_be_written_twice(tmp_path):

@@ -1,6 +1,6 @@
 """Reading and writing Hugging Face safetensors checkpoints, and where each tensor sits."""
 
-from evomerge.checkpoint.layout import Block, TensorLocation, count_layers, locate
+from evomerge.checkpoint.layout import Block, TensorLocation, count_layers, locate, with_layer
 from evomerge.checkpoint.reader import CheckpointReader, TensorInfo
 from evomerge.checkpoint.writer import CheckpointWriter
 
@@ -12,4 +12,5 @@ __all__ = [
     "TensorLocation",
     "count_layers",
     "locate",
+    "with_layer",
 ]

@@ -73,3 +73,11 @@ def count_layers(names: Iterable[str]) -> int:
     """Number of decoder layers: one more than the highest layer index (0 if none)."""
     indices = [loc.layer for loc in map(locate, names) if loc.layer is not None]
     return max(indices) + 1 if indices else 0
+
+
+def with_layer(name: str, layer: int) -> str:
+    """The same tensor name at another decoder layer (for layer slicing)."""
+    m = LAYER_PATTERN.search(name)
+    if m is None:
+        raise ValueError(f"{name!r} is not inside the decoder stack")
+    return name[: m.start(1)] + str(layer) + name[m.end(1) :]

@@ -1,7 +1,10 @@
 """Writing Hugging Face safetensors checkpoints, sharded and atomically.
 
-Tensors are streamed in with :meth:`CheckpointWriter.add`; a shard is flushed to disk as
-soon as it reaches ``max_shard_bytes``, so memory holds at most one shard. Everything goes
+Tensors are streamed in with :meth:`CheckpointWriter.add`. Given the ``layout`` up front
+(names, shapes and dtypes in the order they will be added, which a merge plan knows), each
+tensor's bytes go straight to its shard file and memory holds nothing but the tensor being
+written. Without a layout, a shard is buffered and flushed when it reaches
+``max_shard_bytes``, so memory holds at most one shard. Everything goes
 to a hidden temporary directory beside the target, which is renamed into place only when
 complete: an interrupted write never leaves a directory that looks like a checkpoint.
 
@@ -14,21 +17,70 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from evomerge.checkpoint.reader import INDEX_FILE, SINGLE_FILE
+from evomerge.checkpoint.reader import _DTYPES, INDEX_FILE, SINGLE_FILE
 from evomerge.errors import EvomergeError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+Layout = list[tuple[str, tuple[int, ...], torch.dtype]]
 
-# Files copied from the metadata source when present: model config and tokenizer.
-METADATA_FILES = (
-    "config.json",
-    "generation_config.json",
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class _StreamedShard:
+    """One safetensors file whose header is written first, then each tensor's bytes in order."""
+
+    def __init__(self, path: Path, entries: Layout):
+        self.path, self.entries = path, entries
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dtype in entries:
+            size = _nbytes(shape, dtype)
+            header[name] = {
+                "dtype": _CODES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-(8 + len(blob)) % 8)  # data starts 8-byte aligned
+        self.file = open(path, "wb")  # noqa: SIM115 (closed in finish/abort)
+        self.file.write(struct.pack("<Q", len(blob)) + blob)
+        self.next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want_name, shape, dtype = self.entries[self.next]
+        if name != want_name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise RuntimeError(
+                f"tensor {name} {list(tensor.shape)} {tensor.dtype} does not match the declared layout "
+                f"({want_name} {list(shape)} {dtype})"
+            )
+        self.file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        self.next += 1
+
+    @property
+    def done(self) -> bool:
+        return self.next == len(self.entries)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# Files copied when present: the model's config from `metadata_from`, the tokenizer's
+# files from `tokenizer_from` (default: the same directory).
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -49,9 +101,11 @@ class CheckpointWriter:
         out: str | Path,
         *,
         metadata_from: str | Path | None = None,
+        tokenizer_from: str | Path | None = None,
         config_updates: dict | None = None,
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         overwrite: bool = False,
+        layout: Layout | None = None,
     ):
         self.out = Path(out)
         if self.out.exists() and not overwrite:
@@ -61,6 +115,7 @@ class CheckpointWriter:
         self.metadata_from = Path(metadata_from) if metadata_from else None
         if self.metadata_from and not self.metadata_from.is_dir():
             raise EvomergeError(f"{self.metadata_from}: metadata source is not a directory")
+        self.tokenizer_from = Path(tokenizer_from) if tokenizer_from else self.metadata_from
         self.config_updates = config_updates or {}
         self.max_shard_bytes = max_shard_bytes
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +126,30 @@ class CheckpointWriter:
         self._seen: set[str] = set()
         self._total_bytes = 0
         self._closed = False
+        self._layout = layout
+        self._streams: list[_StreamedShard] = []
+        if layout is not None:
+            self._plan_streams(layout)
+
+    def _plan_streams(self, layout: Layout) -> None:
+        if not layout:
+            raise EvomergeError(f"{self.out}: the layout declares no tensors")
+        groups: list[Layout] = [[]]
+        size = 0
+        for entry in layout:
+            nbytes = _nbytes(entry[1], entry[2])
+            if groups[-1] and size + nbytes > self.max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(entry)
+            size += nbytes
+        self._shards = [[name for name, _, _ in g] for g in groups]
+        n = len(groups)
+        self._files = (
+            [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self._groups = groups
+        self._total_bytes = sum(_nbytes(shape, dtype) for _, shape, dtype in layout)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if self._closed:
@@ -79,6 +158,16 @@ class CheckpointWriter:
             raise EvomergeError(f"tensor {name!r} written twice")
         self._seen.add(name)
         tensor = tensor.detach().to("cpu").contiguous()
+        if self._layout is not None:
+            if not self._streams or self._streams[-1].done:
+                i = len(self._streams)
+                if i == len(self._groups):
+                    raise RuntimeError(f"tensor {name} is beyond the declared layout")
+                if self._streams:
+                    self._streams[-1].close()
+                self._streams.append(_StreamedShard(self._tmp / self._files[i], self._groups[i]))
+            self._streams[-1].write(name, tensor)
+            return
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
@@ -97,6 +186,36 @@ class CheckpointWriter:
 
     def commit(self) -> Path:
         """Finish the checkpoint and move it into place; returns its path."""
+        if self._layout is not None:
+            self._finish_streams()
+        else:
+            self._finish_buffered()
+        self._copy_metadata()
+        if self.out.exists():  # overwrite: move the old one aside first, then swap
+            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old.", dir=self.out.parent))
+            self.out.rename(old / "x")
+            self._tmp.rename(self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            self._tmp.rename(self.out)
+        self._closed = True
+        return self.out
+
+    def _finish_streams(self) -> None:
+        missing = len(self._layout) - len(self._seen)
+        if missing:
+            raise RuntimeError(f"{self.out}: {missing} declared tensors were never written")
+        self._streams[-1].close()
+        if len(self._files) > 1:
+            self._write_index(
+                {name: self._files[i] for i, names in enumerate(self._shards) for name in names}
+            )
+
+    def _write_index(self, weight_map: dict[str, str]) -> None:
+        index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
+        (self._tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+    def _finish_buffered(self) -> None:
         self._flush()
         n = len(self._shards)
         if n == 0:
@@ -109,25 +228,13 @@ class CheckpointWriter:
                 file = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
                 (self._tmp / f"shard-{i:05d}.tmp").rename(self._tmp / file)
                 weight_map.update(dict.fromkeys(names, file))
-            index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
-            (self._tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        self._copy_metadata()
-        if self.out.exists():  # overwrite: move the old one aside first, then swap
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old.", dir=self.out.parent))
-            self.out.rename(old / "x")
-            self._tmp.rename(self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            self._tmp.rename(self.out)
-        self._closed = True
-        return self.out
+            self._write_index(weight_map)
 
     def _copy_metadata(self) -> None:
-        if self.metadata_from:
-            for name in METADATA_FILES:
-                src = self.metadata_from / name
-                if src.is_file():
-                    shutil.copy2(src, self._tmp / name)
+        for source, names in [(self.metadata_from, CONFIG_FILES), (self.tokenizer_from, TOKENIZER_FILES)]:
+            for name in names if source else ():
+                if (source / name).is_file():
+                    shutil.copy2(source / name, self._tmp / name)
         if self.config_updates:
             path = self._tmp / "config.json"
             config = json.loads(path.read_text()) if path.exists() else {}
@@ -138,13 +245,19 @@ class CheckpointWriter:
         """Discard everything written so far; the target directory is left untouched."""
         self._closed = True
         self._pending.clear()
+        for stream in self._streams:
+            stream.close()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> CheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.commit()
+        except BaseException:
+            self.abort()
+            raise

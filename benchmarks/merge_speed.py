@@ -1,0 +1,234 @@
+"""Merge speed: evomerge against mergekit-yaml on the same recipes and checkpoints, in one run.
+
+Synthetic Llama-shaped bf16 checkpoints (a base and two "experts" = base + noise) of a few
+hundred million parameters, so merge time dominates start-up. Each merge runs as its own
+process (the CLI a user runs), timed wall-clock, with its peak resident memory from the
+kernel (wait4). The floor is a plain copy of the same bytes in the same run: read every
+input tensor, write one output checkpoint. Writes benchmarks/results/merge_speed.{md,json}.
+
+    .venv/bin/python benchmarks/merge_speed.py              # ~270M parameters per model
+    .venv/bin/python benchmarks/merge_speed.py --layers 4   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import yaml
+
+RESULTS = Path(__file__).parent / "results"
+COPY_SCRIPT = """
+import sys
+from evomerge.checkpoint import CheckpointReader, CheckpointWriter
+out, *inputs = sys.argv[1:]
+readers = [CheckpointReader(p) for p in inputs]
+first = readers[0]
+layout = [(n, first.info(n).shape, first.info(n).dtype) for n in first.names]
+with CheckpointWriter(out, metadata_from=inputs[0], layout=layout) as w:
+    for n in first.names:
+        tensors = [r.get(n) for r in readers]
+        w.add(n, tensors[0])
+"""
+
+
+def make_models(root: Path, hidden: int, layers: int, vocab: int, seed: int = 0) -> dict[str, Path]:
+    """base, expert_a, expert_b: Llama-shaped bf16 checkpoints (cached between runs)."""
+    from transformers import LlamaConfig
+
+    from evomerge.checkpoint import CheckpointWriter
+    from evomerge.zoo import load_zoo
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 64),
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
+    )
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    inter = config.intermediate_size
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for proj in ["q_proj", "k_proj", "v_proj", "o_proj"]:
+            shapes[p + f"self_attn.{proj}.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    params = sum(torch.Size(s).numel() for s in shapes.values())
+    tag = f"llama-h{hidden}-l{layers}-v{vocab}"
+    paths = {name: root / tag / name for name in ["base", "expert_a", "expert_b"]}
+    if all(
+        (p / "model.safetensors.index.json").exists() or (p / "model.safetensors").exists()
+        for p in paths.values()
+    ):
+        return paths
+    tok = load_zoo().model("base")
+    layout = [(n, s, torch.bfloat16) for n, s in shapes.items()]
+    for k, (name, path) in enumerate(paths.items()):
+        if path.exists():
+            shutil.rmtree(path)
+        g = torch.Generator().manual_seed(seed)  # every model starts from the same base draw
+        noise = torch.Generator().manual_seed(seed + 100 + k)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(path.parent / f".cfg-{name}")
+        with CheckpointWriter(path, metadata_from=path.parent / f".cfg-{name}", tokenizer_from=tok,
+                              layout=layout, max_shard_bytes=2 * 1024**3) as w:  # fmt: skip
+            for n, s in shapes.items():
+                t = torch.randn(s, generator=g) * 0.02
+                if k:
+                    t += torch.randn(s, generator=noise) * 0.002
+                w.add(n, t.to(torch.bfloat16))
+        shutil.rmtree(path.parent / f".cfg-{name}")
+        print(f"  wrote {path} ({params / 1e6:.0f}M parameters)", flush=True)
+    return paths
+
+
+def recipes(m: dict[str, Path]) -> dict[str, dict]:
+    base, a, b = str(m["base"]), str(m["expert_a"]), str(m["expert_b"])
+    return {
+        "linear": {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 0.5}},
+                                                        {"model": b, "parameters": {"weight": 0.5}}],
+                   "dtype": "bfloat16"},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base,
+                            "models": [{"model": a, "parameters": {"weight": 0.7}},
+                                       {"model": b, "parameters": {"weight": 0.5}}], "dtype": "bfloat16"},
+        "ties": {"merge_method": "ties", "base_model": base,
+                 "models": [{"model": a, "parameters": {"weight": 0.7, "density": 0.5}},
+                            {"model": b, "parameters": {"weight": 0.5, "density": 0.5}}], "dtype": "bfloat16"},
+        "dare_ties": {"merge_method": "dare_ties", "base_model": base,
+                      "models": [{"model": a, "parameters": {"weight": 0.7, "density": 0.5}},
+                                 {"model": b, "parameters": {"weight": 0.5, "density": 0.5}}], "dtype": "bfloat16"},
+        "slerp": {"merge_method": "slerp", "base_model": base,
+                  "models": [{"model": base}, {"model": a}], "parameters": {"t": 0.4}, "dtype": "bfloat16"},
+    }  # fmt: skip
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/evomerge-bench"))
+    parser.add_argument("--only", nargs="*", help="recipes to run (default: all)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "merge_speed")
+    args = parser.parse_args()
+
+    venv_bin = Path(sys.executable).parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    print("preparing checkpoints", flush=True)
+    models = make_models(args.work / "models", args.hidden, args.layers, args.vocab)
+    size = dir_bytes(models["base"])
+    runs = args.work / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir(parents=True)
+
+    rows = []
+    todo = {k: v for k, v in recipes(models).items() if not args.only or k in args.only}
+    for name, recipe in todo.items():
+        path = runs / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        inputs = [Path(m["model"]) for m in recipe["models"]] + (
+            [Path(recipe["base_model"])] if "base_model" in recipe else []
+        )
+        inputs = list(dict.fromkeys(inputs))
+        moved = size * (len(inputs) + 1)  # every input read once, one output written
+        copy_out = runs / f"{name}-copy"
+        copy_wall, copy_rss = timed(
+            [sys.executable, "-c", COPY_SCRIPT, str(copy_out), *map(str, inputs)], env
+        )
+        shutil.rmtree(copy_out)
+        results = {}
+        for tool, cmd in [
+            ("mergekit-yaml", [str(venv_bin / "mergekit-yaml"), str(path), str(runs / f"{name}-mk"),
+                               "--no-copy-tokenizer", "--no-write-model-card"]),
+            ("evomerge", [str(venv_bin / "evomerge"), "merge", str(path), str(runs / f"{name}-em")]),
+        ]:  # fmt: skip
+            wall, rss = timed(cmd, env)
+            results[tool] = (wall, rss)
+            print(f"  {name:<16} {tool:<14} {wall:7.1f} s  {rss:8.0f} MiB", flush=True)
+        shutil.rmtree(runs / f"{name}-mk", ignore_errors=True)
+        shutil.rmtree(runs / f"{name}-em", ignore_errors=True)
+        (em_wall, em_rss), (mk_wall, mk_rss) = results["evomerge"], results["mergekit-yaml"]
+        rows.append({
+            "recipe": name, "inputs": len(inputs), "bytes_moved": moved,
+            "copy_s": copy_wall, "copy_rss_mib": copy_rss,
+            "mergekit_s": mk_wall, "mergekit_rss_mib": mk_rss,
+            "evomerge_s": em_wall, "evomerge_rss_mib": em_rss,
+            "speedup": mk_wall / em_wall, "evomerge_vs_copy": em_wall / copy_wall,
+        })  # fmt: skip
+        print(f"  {name:<16} {'copy floor':<14} {copy_wall:7.1f} s  {copy_rss:8.0f} MiB", flush=True)
+
+    header = (
+        "| recipe | mergekit-yaml s | evomerge s | speedup | mergekit peak MiB | evomerge peak MiB | "
+        "copy floor s | evomerge / copy | evomerge GB/s | copy GB/s |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    lines = [
+        f"| {r['recipe']} | {r['mergekit_s']:.1f} | {r['evomerge_s']:.1f} | {r['speedup']:.2f}x | "
+        f"{r['mergekit_rss_mib']:.0f} | {r['evomerge_rss_mib']:.0f} | {r['copy_s']:.1f} | "
+        f"{r['evomerge_vs_copy']:.2f}x | {r['bytes_moved'] / r['evomerge_s'] / 1e9:.2f} | "
+        f"{r['bytes_moved'] / r['copy_s'] / 1e9:.2f} |"
+        for r in rows
+    ]
+    table = "\n".join([header, *lines])
+    text = f"""# Merge speed: evomerge vs mergekit-yaml
+
+Synthetic Llama-shaped bf16 checkpoints: hidden {args.hidden}, {args.layers} layers, vocabulary
+{args.vocab}, {size / 1e9:.2f} GB per model. Every run is a fresh process (start-up included),
+wall-clock seconds, peak RSS from wait4. "copy floor": a process that reads every input tensor
+and writes one output checkpoint, the same bytes a merge must move. GB/s = (inputs + output) bytes / wall.
+
+{table}
+
+mergekit {_version("mergekit")}, evomerge {_version("evomerge")}, torch {torch.__version__},
+{platform.machine()} with {os.cpu_count()} CPUs, page cache warm (the copy floor runs first).
+Produced by `python benchmarks/merge_speed.py` on {date.today()}.
+"""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                         "rows": rows}, indent=2) + "\n")  # fmt: skip
+    print(table)
+    print(f"wrote {args.out.with_suffix('.md')}")
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The task-vector family: sparsify each task vector, optionally elect signs, combine.
+
+With d_i = x_i - base and weights w_i:
+
+    d_i'  = rescale(sparsify(d_i))              # drop step (none, TIES, DARE, Breadcrumbs, DELLA)
+    s     = sign(sum_i w_i d_i')  (0 counts +)  # TIES sign election, when enabled
+    m_i   = [sign(d_i') == s]                   # entries that agree (zeros never do)
+    out   = base + lambda * sum_i m_i w_i d_i' / (sum_i m_i w_i  if normalize)
+
+Without election m_i = 1 and the divisor is sum_i w_i. Eight of mergekit's methods are
+points of this one pipeline; their defaults follow mergekit so a recipe means the same in
+both tools.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from evomerge.methods import sparsify as sp
+from evomerge.methods.registry import BasePolicy, MergeMethod, Param, Scope, register, work_dtype
+
+RESCALE_MODES = ("l1", "inverse_density", "none")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    drop: str | None  # None, "magnitude", "random", "outliers", "della"
+    elect_sign: bool
+    normalize: bool  # default of the `normalize` parameter
+    rescale: bool  # default of the `rescale` parameter
+    doc: str
+
+
+def combine(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    per_model: dict[str, list],
+    params: dict,
+    generator: torch.Generator | None,
+    family: Family,
+) -> torch.Tensor:
+    dtype = work_dtype(base)
+    b = base.to(dtype)
+    weights = torch.tensor(per_model["weight"], dtype=dtype, device=b.device)
+    deltas = torch.empty((len(tensors), *b.shape), dtype=dtype, device=b.device)
+    mode = params.get("rescale_norm", "l1") if params.get("rescale", family.rescale) else "none"
+    for i, x in enumerate(tensors):
+        d = x.to(dtype) - b
+        if family.drop is not None:
+            density = per_model["density"][i]
+            if family.drop == "magnitude":
+                kept = sp.magnitude_mask(d, density)
+            elif family.drop == "random":
+                kept = sp.random_mask(d, density, generator)
+            elif family.drop == "outliers":
+                kept = sp.outlier_mask(d, density, per_model["gamma"][i])
+            else:
+                kept = sp.della_mask(d, density, per_model["epsilon"][i], generator)
+            d = sp.rescale(d, kept, mode, density)
+        deltas[i] = d
+    w = weights.reshape(-1, *([1] * b.dim()))
+    deltas.mul_(w)
+    if family.elect_sign:
+        elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(dtype)
+        agree = deltas.sign() == elected
+        mixed = (deltas * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum()
+        if divisor.abs() < 1e-8:
+            divisor = torch.ones((), dtype=dtype)
+    if params.get("normalize", family.normalize):
+        mixed = mixed / divisor
+    lam = params.get("lambda", 1.0)
+    if lam != 1:
+        mixed = mixed * lam
+    return b + mixed
+
+
+def _register(family: Family) -> None:
+    params = [
+        Param("weight", float, Scope.PER_MODEL, None, doc="scale of this model's task vector"),
+        Param("lambda", float, Scope.GLOBAL, 1.0, doc="scale of the combined task vector"),
+        Param("normalize", bool, Scope.GLOBAL, family.normalize, doc="divide by the sum of weights"),
+        Param("rescale", bool, Scope.GLOBAL, family.rescale, doc="rescale kept entries after dropping"),
+        Param("int8_mask", bool, Scope.GLOBAL, False, doc="accepted for mergekit compatibility; no effect"),
+    ]
+    if family.drop is not None:
+        params.append(
+            Param(
+                "rescale_norm",
+                str,
+                Scope.GLOBAL,
+                "l1",
+                choices=RESCALE_MODES,
+                doc="l1: match the L1 norm (mergekit); inverse_density: 1/density (the DARE paper)",
+            )
+        )
+        params.append(Param("density", float, Scope.PER_MODEL, 1.0, 0.0, 1.0, doc="fraction of entries kept"))
+    if family.drop == "outliers":
+        params.append(
+            Param("gamma", float, Scope.PER_MODEL, 0.01, 0.0, 1.0, doc="fraction of outliers dropped")
+        )
+    if family.drop == "della":
+        params.append(
+            Param("epsilon", float, Scope.PER_MODEL, 0.15, 0.0, 1.0, doc="spread of keep probability")
+        )
+    stochastic = family.drop in ("random", "della")
+
+    def fn(base, tensors, per_model, global_params, generator):
+        return combine(base, tensors, per_model, global_params, generator, family)
+
+    register(
+        MergeMethod(
+            family.name,
+            fn,
+            tuple(params),
+            BasePolicy.REQUIRED,
+            min_models=1,
+            stochastic=stochastic,
+            doc=family.doc,
+        )
+    )
+
+
+FAMILIES = [
+    Family(
+        "task_arithmetic",
+        None,
+        False,
+        False,
+        False,
+        "base + lambda * sum w_i (x_i - base). Ilharco et al. 2023, arXiv:2212.04089.",
+    ),
+    Family(
+        "ties",
+        "magnitude",
+        True,
+        True,
+        False,
+        "Keep the top `density` of each task vector by magnitude, elect signs, average the "
+        "agreeing entries. Yadav et al. 2023, arXiv:2306.01708.",
+    ),
+    Family(
+        "dare_ties",
+        "random",
+        True,
+        False,
+        True,
+        "Drop task-vector entries at random (keep `density`), rescale, then TIES sign election. "
+        "Yu et al. 2024, arXiv:2311.03099.",
+    ),
+    Family(
+        "dare_linear",
+        "random",
+        False,
+        False,
+        True,
+        "Drop task-vector entries at random (keep `density`), rescale, add. Yu et al. 2024, "
+        "arXiv:2311.03099.",
+    ),
+    Family(
+        "breadcrumbs",
+        "outliers",
+        False,
+        False,
+        False,
+        "Drop the largest `gamma` and the smallest entries, keeping `density`. Davari & Belilovsky "
+        "2024, arXiv:2312.06795.",
+    ),
+    Family(
+        "breadcrumbs_ties",
+        "outliers",
+        True,
+        False,
+        False,
+        "Breadcrumbs drop followed by TIES sign election. arXiv:2312.06795 + arXiv:2306.01708.",
+    ),
+    Family(
+        "della",
+        "della",
+        True,
+        True,
+        True,
+        "Drop with a keep probability rising with magnitude rank (density +- epsilon), rescale, "
+        "elect signs. Deep et al. 2024, arXiv:2406.11617.",
+    ),
+    Family(
+        "della_linear",
+        "della",
+        False,
+        False,
+        True,
+        "DELLA's magnitude-ranked drop without sign election. arXiv:2406.11617.",
+    ),
+]
+
+for _family in FAMILIES:
+    _register(_family)

@@ -1,0 +1,153 @@
+"""evomerge and mergekit produce the same tensors for the same recipe.
+
+mergekit (a dev dependency) is the reference: its in-memory `merge_state_dicts` for the
+method math, and its YAML pipeline (`run_merge`, what `mergekit-yaml` runs) for gradients,
+filters and slices. Stochastic methods (DARE, DELLA) draw their masks differently, so they
+are compared where they are deterministic (density 1).
+"""
+
+import pytest
+import torch
+import yaml
+
+from evomerge.merge import merge_to_state_dict
+from evomerge.methods import merge_tensors
+from evomerge.recipe import MergeRecipe, Provenance
+from evomerge.zoo.table import load_state
+
+mergekit = pytest.importorskip("mergekit")
+from mergekit.config import MergeConfiguration  # noqa: E402
+from mergekit.merge import run_merge  # noqa: E402
+from mergekit.merge_methods.api import merge_state_dicts  # noqa: E402
+from mergekit.options import MergeOptions  # noqa: E402
+
+ATOL = 2e-6
+
+
+@pytest.fixture(scope="module")
+def states(quick_zoo):
+    return {n: load_state(quick_zoo.model(n)) for n in ["base", "add", "rev", "add_noreplay"]}
+
+
+# (method, models, base, per-model parameters, global parameters)
+CASES = [
+    ("linear", ["add", "rev"], None, {"weight": [0.3, 0.7]}, {}),
+    ("linear", ["add", "rev", "base"], None, {"weight": [0.3, 0.7, 0.5]}, {"normalize": False}),
+    ("task_arithmetic", ["add", "rev"], "base", {"weight": [0.7, 0.5]}, {"lambda": 0.8}),
+    ("ties", ["add", "rev"], "base", {"weight": [0.7, 0.5], "density": [0.5, 0.3]}, {}),
+    ("ties", ["add", "rev", "add_noreplay"], "base", {"weight": [1, 1, 1], "density": [0.2, 0.9, 0.5]},
+     {"normalize": False, "lambda": 1.3}),
+    ("ties", ["add", "rev"], "base", {"weight": [0.7, 0.5], "density": [0.5, 0.3]}, {"rescale": True}),
+    ("breadcrumbs", ["add", "rev"], "base", {"weight": [1, 1], "density": [0.6, 0.4], "gamma": [0.1, 0.05]}, {}),
+    ("breadcrumbs_ties", ["add", "rev"], "base", {"weight": [1, 0.5], "density": [0.6, 0.4], "gamma": [0.1, 0.01]},
+     {}),
+    ("dare_ties", ["add", "rev"], "base", {"weight": [0.7, 0.5], "density": [1.0, 1.0]}, {}),
+    ("dare_linear", ["add", "rev"], "base", {"weight": [0.7, 0.5], "density": [1.0, 1.0]}, {}),
+    ("della", ["add", "rev"], "base", {"weight": [0.7, 0.5], "density": [1.0, 1.0]}, {}),
+    ("slerp", ["add"], "base", {}, {"t": 0.3}),
+    ("nuslerp", ["add", "rev"], None, {"weight": [0.3, 0.7]}, {}),
+    ("nuslerp", ["add", "rev"], "base", {"weight": [0.6, 0.4]}, {}),
+    ("nuslerp", ["add", "rev"], None, {"weight": [0.3, 0.7]}, {"nuslerp_flatten": False}),
+    ("nuslerp", ["add", "rev"], None, {"weight": [0.3, 0.7]}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    ("multislerp", ["add", "rev", "add_noreplay"], None, {"weight": [0.2, 0.5, 0.3]}, {}),
+    ("multislerp", ["add", "rev"], "base", {"weight": [1.0, 2.0]}, {}),
+    ("model_stock", ["add", "rev"], "base", {}, {}),
+    ("model_stock", ["add", "rev", "add_noreplay"], "base", {}, {"filter_wise": True}),
+    ("karcher", ["base", "add", "rev"], None, {}, {}),
+    ("sce", ["add", "rev"], "base", {}, {}),
+    ("sce", ["add", "rev", "add_noreplay"], "base", {}, {"select_topk": 0.4}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method,models,base,per_model,shared", CASES, ids=lambda c: str(c)[:40])
+def test_methods_match_mergekit_merge_state_dicts(states, method, models, base, per_model, shared):
+    inputs = {m: states[m] for m in models + ([base] if base else [])}
+    mk_params = dict(shared)
+    for name, values in per_model.items():
+        mk_params[name] = dict(zip(models, values, strict=True))
+    theirs = merge_state_dicts(inputs, method, parameters=mk_params, base=base)
+    for name, expected in theirs.items():
+        ours = merge_tensors(
+            method,
+            [states[m][name] for m in models],
+            states[base][name] if base else None,
+            **per_model,
+            **shared,
+        )
+        assert torch.allclose(ours, expected.to(ours.dtype), atol=ATOL, rtol=1e-5), name
+
+
+def _mergekit_yaml(recipe: dict, out):
+    run_merge(
+        MergeConfiguration.model_validate(recipe),
+        str(out),
+        MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True),
+    )
+    return load_state(out)
+
+
+def _recipes(zoo):
+    base, add, rev, forgot = (str(zoo.model(n)) for n in ["base", "add", "rev", "add_noreplay"])
+    return {
+        "gradients_and_filters": {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": [
+                {"model": add, "parameters": {
+                    "weight": [{"filter": "self_attn", "value": [0.1, 0.9]}, {"filter": "mlp", "value": 0.4},
+                               {"value": [1.0, 0.2, 0.7]}],
+                    "density": [0.3, 0.8]}},
+                {"model": rev, "parameters": {"weight": 0.6, "density": [{"filter": "up_proj", "value": 0.2},
+                                                                        {"value": 0.7}]}},
+            ],
+            "parameters": {"normalize": True, "lambda": [1.2, 0.8]},
+            "dtype": "float32",
+        },
+        "top_level_fallback": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "models": [{"model": add}, {"model": rev, "parameters": {"weight": 0.25}}],
+            "parameters": {"weight": [0.5, 1.0]},
+        },
+        "slices": {
+            "merge_method": "slerp",
+            "base_model": base,
+            "slices": [
+                {"sources": [{"model": base, "layer_range": [0, 1]}, {"model": add, "layer_range": [0, 1]}],
+                 "parameters": {"t": 0.2}},
+                {"sources": [{"model": base, "layer_range": [1, 2]}, {"model": rev, "layer_range": [1, 2]}]},
+            ],
+            "parameters": {"t": [{"filter": "mlp", "value": 0.9}, {"value": 0.5}]},
+        },
+        "passthrough_stack": {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": add, "layer_range": [0, 2]}]},
+                {"sources": [{"model": forgot, "layer_range": [1, 2]}]},
+            ],
+        },
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case", ["gradients_and_filters", "top_level_fallback", "slices", "passthrough_stack"]
+)
+def test_recipes_merge_to_the_same_tensors_as_mergekit(quick_zoo, tmp_path, case):
+    recipe = _recipes(quick_zoo)[case]
+    theirs = _mergekit_yaml(recipe, tmp_path / "mk")
+    ours = merge_to_state_dict(MergeRecipe.parse(recipe))
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        assert torch.allclose(ours[name], theirs[name], atol=ATOL), name
+
+
+@pytest.mark.parametrize(
+    "case", ["gradients_and_filters", "top_level_fallback", "slices", "passthrough_stack"]
+)
+def test_every_recipe_evomerge_writes_is_accepted_by_mergekit_unchanged(quick_zoo, case):
+    written = MergeRecipe.parse(_recipes(quick_zoo)[case]).model_copy(
+        update={"evomerge": Provenance(seed=3, found_by="test")}
+    )
+    data = yaml.safe_load(written.to_yaml())
+    assert data["evomerge"]["seed"] == 3
+    MergeConfiguration.model_validate(data)  # raises if mergekit rejects it
