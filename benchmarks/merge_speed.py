@@ -4,9 +4,9 @@ Synthetic Llama-shaped bf16 checkpoints (a base and two "experts" = base + noise
 hundred million parameters, so merge time dominates start-up. Each merge runs as its own
 process (the CLI a user runs), timed wall-clock, with its peak resident memory from the
 kernel (wait4). The floor is a plain copy of the same bytes in the same run: read every
-input tensor, write one output checkpoint. Writes benchmarks/results/merge_speed.{md,json}.
+input tensor (evomerge's reader reads each one fully with pread), write one output checkpoint. Writes benchmarks/results/merge_speed.{md,json}.
 
-    .venv/bin/python benchmarks/merge_speed.py              # ~270M parameters per model
+    .venv/bin/python benchmarks/merge_speed.py              # ~950M parameters per model (~10 min)
     .venv/bin/python benchmarks/merge_speed.py --layers 4   # quicker
 """
 
@@ -137,7 +137,7 @@ def dir_bytes(path: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/evomerge-bench"))

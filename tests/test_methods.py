@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from evomerge.errors import EvomergeError
 from evomerge.methods import METHODS, merge_tensors
-from evomerge.methods.sparsify import della_mask, magnitude_mask, outlier_mask, random_mask, rescale
+from evomerge.methods.sparsify import della_mask, magnitude_mask, outlier_mask, random_mask, rescale_
 
 T = torch.tensor
 
@@ -142,7 +142,7 @@ def test_della_keeps_large_entries_more_often():
 def test_random_mask_and_rescale_with_density_one_keep_everything():
     d = torch.randn(10)
     assert random_mask(d, 1.0, None).all()
-    assert torch.equal(rescale(d, torch.ones(10, dtype=torch.bool), "l1", 1.0), d)
+    assert torch.equal(rescale_(d.clone(), torch.ones(10, dtype=torch.bool), "l1", 1.0), d)
 
 
 # -- spherical -------------------------------------------------------------------------------------
@@ -285,3 +285,27 @@ def test_every_method_runs_on_cuda_and_matches_cpu(method):
     assert gpu.is_cuda
     if not m.stochastic:
         assert torch.allclose(cpu, gpu.cpu(), atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3000), k=st.integers(0, 3000), levels=st.integers(1, 50), seed=st.integers(0, 99))
+def test_top_k_mask_selects_exactly_the_k_largest_with_lowest_index_ties(n, k, levels, seed):
+    from evomerge.methods.sparsify import top_k_mask
+
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(levels, (n,), generator=g).float()  # many ties
+    mask = top_k_mask(values, k)
+    assert int(mask.sum()) == min(k, n)
+    # reference: stable sort by descending value, ties by ascending index
+    order = sorted(range(n), key=lambda i: (-values[i].item(), i))[: min(k, n)]
+    assert set(mask.nonzero().flatten().tolist()) == set(order)
+
+
+def test_top_k_mask_on_large_tensors_matches_a_full_sort():
+    from evomerge.methods.sparsify import top_k_mask
+
+    values = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0)).abs()
+    for k in [1, 1000, 500_000, 999_999]:
+        expected = torch.zeros(values.numel(), dtype=torch.bool)
+        expected[torch.argsort(values, descending=True, stable=True)[:k]] = True
+        assert torch.equal(top_k_mask(values, k), expected), k

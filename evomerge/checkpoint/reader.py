@@ -1,5 +1,10 @@
 """Lazy, read-only access to a Hugging Face safetensors checkpoint, tensor by tensor.
 
+Headers are parsed on open (names, shapes, dtypes, byte offsets); a tensor's bytes are read
+with one ``pread`` into a fresh buffer when it is asked for. Unlike a memory map, nothing
+stays resident in the process after the tensor is dropped, so a merge's memory is the
+tensors in flight, not the sum of the inputs it has touched.
+
 Only safetensors are read: pickled weights (``*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) can
 run code when loaded, so a directory holding only those is refused with a message saying
 how to convert it.
@@ -7,13 +12,15 @@ how to convert it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from evomerge.checkpoint.layout import count_layers
 from evomerge.errors import EvomergeError
@@ -54,9 +61,54 @@ class TensorInfo:
         return n
 
 
+@dataclass(frozen=True)
+class _Shard:
+    fd: int
+    data_start: int
+    entries: dict[str, tuple[str, tuple[int, ...], int, int]]  # name -> (code, shape, begin, end)
+
+
+def _read_header(path: Path) -> _Shard:
+    """Parse a safetensors file's header; errors name the file."""
+
+    def bad(why: str) -> EvomergeError:
+        return EvomergeError(f"{path}: cannot read safetensors file ({why})")
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise bad(e.strerror) from None
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise bad("too short")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 * 1024**2):
+            raise bad("header size out of range")
+        header = json.loads(os.pread(fd, n, 8))
+        if not isinstance(header, dict):
+            raise bad("header is not a JSON object")
+        entries = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            if not 0 <= begin <= end <= size - 8 - n:
+                raise bad(f"tensor {name!r} lies outside the file")
+            entries[name] = (entry["dtype"], tuple(entry["shape"]), begin, end)
+        return _Shard(fd, 8 + n, entries)
+    except EvomergeError:
+        os.close(fd)
+        raise
+    except (ValueError, KeyError, TypeError) as e:
+        os.close(fd)
+        raise bad(f"malformed header: {e}") from None
+
+
 class CheckpointReader:
     """Names, shapes and dtypes of a checkpoint's tensors without loading them; each tensor
-    loaded on demand from its memory-mapped shard.
+    loaded on demand from its shard.
 
     >>> ckpt = CheckpointReader("zoo/base")
     >>> ckpt.info("lm_head.weight").shape
@@ -68,19 +120,16 @@ class CheckpointReader:
         self.path = Path(path)
         if not self.path.is_dir():
             raise EvomergeError(f"{self.path}: not a checkpoint directory (it does not exist)")
-        self._handles: dict[str, object] = {}
+        self._shards: dict[str, _Shard] = {}
         self._weight_map = self._read_weight_map()
         self._infos: dict[str, TensorInfo] = {}
         for file in dict.fromkeys(self._weight_map.values()):
-            handle = self._open(file)
-            for name in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+            for name, (code, shape, _, _) in self._open(file).entries.items():
                 if self._weight_map.get(name) != file:
                     continue  # a tensor the index assigns to another shard
-                sl = handle.get_slice(name)
-                code = sl.get_dtype()
                 if code not in _DTYPES:
                     raise EvomergeError(f"{self.path / file}: tensor {name!r} has unsupported dtype {code}")
-                self._infos[name] = TensorInfo(name, tuple(sl.get_shape()), _DTYPES[code], file)
+                self._infos[name] = TensorInfo(name, shape, _DTYPES[code], file)
         missing = sorted(set(self._weight_map) - set(self._infos))
         if missing:
             raise EvomergeError(
@@ -116,7 +165,7 @@ class CheckpointReader:
             raise EvomergeError(f"{self.path}: no *.safetensors weights found")
         weight_map: dict[str, str] = {}
         for file in files:
-            for name in self._open(file).keys():  # noqa: SIM118
+            for name in self._open(file).entries:
                 if name in weight_map:
                     raise EvomergeError(
                         f"{self.path}: tensor {name!r} is in both {weight_map[name]} and {file}"
@@ -124,13 +173,19 @@ class CheckpointReader:
                 weight_map[name] = file
         return weight_map
 
-    def _open(self, file: str):
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(self.path / file), framework="pt", device="cpu")
-            except (SafetensorError, OSError) as e:
-                raise EvomergeError(f"{self.path / file}: cannot read safetensors file ({e})") from None
-        return self._handles[file]
+    def _open(self, file: str) -> _Shard:
+        if file not in self._shards:
+            self._shards[file] = _read_header(self.path / file)
+        return self._shards[file]
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            os.close(shard.fd)
+        self._shards.clear()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):  # at interpreter shutdown os may be gone
+            self.close()
 
     # -- what is in it -------------------------------------------------------------------
 
@@ -169,6 +224,14 @@ class CheckpointReader:
     # -- loading -------------------------------------------------------------------------
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (a fresh CPU tensor, read from the memory-mapped shard)."""
+        """Load one tensor: a fresh CPU tensor that owns its memory."""
         info = self.info(name)
-        return self._open(info.file).get_tensor(name)
+        shard = self._open(info.file)
+        _, _, begin, end = shard.entries[name]
+        if end == begin:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buf = bytearray(end - begin)
+        got = os.preadv(shard.fd, [buf], shard.data_start + begin)
+        if got != len(buf):
+            raise EvomergeError(f"{self.path / info.file}: tensor {name!r} is truncated")
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)

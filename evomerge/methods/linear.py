@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import torch
+
 from evomerge.methods.registry import BasePolicy, MergeMethod, Param, Scope, register, work_dtype
 
 
 def _linear(base, tensors, per_model, params, generator):
-    dtype = work_dtype(tensors[0])
     weights = per_model["weight"]
-    out = sum(w * x.to(dtype) for w, x in zip(weights, tensors, strict=True))
-    if params.get("normalize", True):
-        total = sum(weights)
-        if abs(total) > 1e-8:
-            out = out / total
+    total = sum(weights)
+    scale = 1 / total if params.get("normalize", True) and abs(total) > 1e-8 else 1.0
+    out = torch.zeros(tensors[0].shape, dtype=work_dtype(tensors[0]), device=tensors[0].device)
+    for w, x in zip(weights, tensors, strict=True):
+        out.add_(x, alpha=w * scale)  # one pass per model, promoted to the work dtype on the fly
     return out
 
 

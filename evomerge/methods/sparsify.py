@@ -1,13 +1,53 @@
 """Sparsification of a task vector (expert - base): the "drop" step of TIES, DARE,
 Breadcrumbs and DELLA. Each function returns a keep-mask; rescaling is separate.
 
-Selections use ``topk``, never a full sort, except DELLA, whose keep probability depends
-on each entry's rank within its row.
+Magnitude selections never sort: a k-th-largest threshold is found by selection, first in
+a narrow band bracketed from a small sample, falling back to ``kthvalue`` over everything
+when the bracket misses (the result is exact either way). DELLA alone ranks, because its
+keep probability depends on each entry's rank within its row.
 """
 
 from __future__ import annotations
 
 import torch
+
+_SAMPLE = 65536  # entries sampled to bracket the threshold
+_SLACK = 0.01  # bracket width around the target quantile, as a fraction of the sample
+
+
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest entries of a 1-D tensor; among equal values at the
+    threshold, the lowest indices win (so top_k_mask(v, a) contains top_k_mask(v, b) for a > b)."""
+    n = values.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=values.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=values.device)
+    threshold = _kth_largest(values, k)
+    mask = values > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:  # fill from the entries equal to the threshold, lowest index first
+        ties = (values == threshold).nonzero().flatten()[:missing]
+        mask[ties] = True
+    return mask
+
+
+def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    n = values.numel()
+    if n > 8 * _SAMPLE:
+        g = torch.Generator(device=values.device).manual_seed(n)
+        sample = values[torch.randint(n, (_SAMPLE,), generator=g, device=values.device)]
+        q = 1 - k / n
+        lo_q, hi_q = max(0.0, q - _SLACK), min(1.0, q + _SLACK)
+        bracket = torch.tensor([lo_q, hi_q], device=values.device)
+        lo, hi = torch.quantile(sample.float(), bracket).to(values.dtype)
+        above = int((values > hi).sum())
+        if above < k:
+            band = values[(values >= lo) & (values <= hi)]
+            need = k - above  # the need-th largest inside the band
+            if need <= band.numel():
+                return torch.kthvalue(band, band.numel() - need + 1).values
+    return torch.kthvalue(values, n - k + 1).values
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -22,10 +62,7 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
         return torch.ones_like(delta, dtype=torch.bool)
     if density <= 0:
         return torch.zeros_like(delta, dtype=torch.bool)
-    top = torch.topk(delta.abs().reshape(-1), keep_count(n, density), sorted=False).indices
-    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    mask[top] = True
-    return mask.reshape(delta.shape)
+    return top_k_mask(delta.abs().reshape(-1), keep_count(n, density)).reshape(delta.shape)
 
 
 def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -40,10 +77,8 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
         return torch.ones_like(delta, dtype=torch.bool)
     keep = int(density * n)
     outliers = min(int(gamma * n), n - keep)
-    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    if keep > 0:
-        ranked = torch.topk(delta.abs().reshape(-1), keep + outliers, sorted=True).indices
-        mask[ranked[outliers:]] = True
+    magnitude = delta.abs().reshape(-1)
+    mask = top_k_mask(magnitude, keep + outliers) & ~top_k_mask(magnitude, outliers)
     return mask.reshape(delta.shape)
 
 
@@ -51,8 +86,8 @@ def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator 
     """DARE: keep each entry independently with probability ``density``."""
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
-    probs = torch.full(delta.shape, float(density), dtype=torch.float32, device=delta.device)
-    return torch.bernoulli(probs, generator=generator).bool()
+    # uniform < p is a Bernoulli(p) draw, and ~2.5x faster than torch.bernoulli on CPU
+    return torch.rand(delta.shape, generator=generator, device=delta.device) < density
 
 
 def della_mask(
@@ -69,22 +104,23 @@ def della_mask(
     ranks.scatter_(1, order, torch.arange(width, device=delta.device).expand_as(order))
     position = ranks.float() / max(1, width - 1)
     probs = (density - epsilon) + position * (2 * epsilon)
-    return torch.bernoulli(probs.clamp(0, 1), generator=generator).bool().reshape(delta.shape)
+    draw = torch.rand(probs.shape, generator=generator, device=delta.device)
+    return (draw < probs).reshape(delta.shape)
 
 
-def rescale(delta: torch.Tensor, kept: torch.Tensor, mode: str, density: float) -> torch.Tensor:
-    """The kept entries, scaled back up after dropping.
+def rescale_(delta: torch.Tensor, kept: torch.Tensor, mode: str, density: float) -> torch.Tensor:
+    """Zero the dropped entries of ``delta`` in place and scale the kept ones back up.
 
     ``l1`` (mergekit's choice, the default): scale so the L1 norm equals the undropped one.
     ``inverse_density``: multiply by 1/density, the unbiased estimator of the DARE paper.
     ``none``: no rescaling.
     """
-    masked = delta * kept
-    if mode == "none":
-        return masked
-    if mode == "inverse_density":
-        return masked / density if 0 < density < 1 else masked
-    before, after = delta.abs().sum(), masked.abs().sum()
-    if before < 1e-7 or after < 1e-7:
-        return masked
-    return masked * (before / after)
+    before = delta.abs().sum() if mode == "l1" else None
+    delta.mul_(kept)
+    if mode == "inverse_density" and 0 < density < 1:
+        delta.div_(density)
+    elif mode == "l1":
+        after = delta.abs().sum()
+        if before >= 1e-7 and after >= 1e-7:
+            delta.mul_(before / after)
+    return delta

@@ -42,13 +42,26 @@ def combine(
     generator: torch.Generator | None,
     family: Family,
 ) -> torch.Tensor:
+    # In-place where possible: merges are memory-bound, each pass over the tensor costs.
     dtype = work_dtype(base)
+    lam = params.get("lambda", 1.0)
+    normalize = params.get("normalize", family.normalize)
+    if family.drop is None and not family.elect_sign:
+        # Plain task arithmetic, rearranged to one pass per model:
+        # base + s * sum w_i (x_i - base) = (1 - s * sum w) * base + sum (s * w_i) * x_i
+        total = sum(per_model["weight"])
+        s = lam / (total if normalize and abs(total) >= 1e-8 else 1.0)
+        out = base.to(dtype) * (1 - s * total)
+        for w, x in zip(per_model["weight"], tensors, strict=True):
+            out.add_(x, alpha=s * w)
+        return out
     b = base.to(dtype)
     weights = torch.tensor(per_model["weight"], dtype=dtype, device=b.device)
     deltas = torch.empty((len(tensors), *b.shape), dtype=dtype, device=b.device)
     mode = params.get("rescale_norm", "l1") if params.get("rescale", family.rescale) else "none"
     for i, x in enumerate(tensors):
-        d = x.to(dtype) - b
+        d = deltas[i]
+        torch.sub(x, b, out=d)  # promotes x to the work dtype on the fly
         if family.drop is not None:
             density = per_model["density"][i]
             if family.drop == "magnitude":
@@ -59,27 +72,26 @@ def combine(
                 kept = sp.outlier_mask(d, density, per_model["gamma"][i])
             else:
                 kept = sp.della_mask(d, density, per_model["epsilon"][i], generator)
-            d = sp.rescale(d, kept, mode, density)
-        deltas[i] = d
+            sp.rescale_(d, kept, mode, density)
     w = weights.reshape(-1, *([1] * b.dim()))
     deltas.mul_(w)
     if family.elect_sign:
-        elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(dtype)
-        agree = deltas.sign() == elected
-        mixed = (deltas * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
+        # sign(d) == elected sign, with elected = + where the sum is >= 0; zeros never agree
+        agree = (deltas > 0) == (deltas.sum(dim=0) >= 0)
+        agree &= deltas != 0
+        mixed = torch.where(agree, deltas, 0).sum(dim=0)
+        if normalize:
+            divisor = (w * agree).sum(dim=0)
+            divisor[divisor == 0] = 1
+            mixed.div_(divisor)
     else:
         mixed = deltas.sum(dim=0)
-        divisor = weights.sum()
-        if divisor.abs() < 1e-8:
-            divisor = torch.ones((), dtype=dtype)
-    if params.get("normalize", family.normalize):
-        mixed = mixed / divisor
-    lam = params.get("lambda", 1.0)
+        if normalize:
+            total = weights.sum()
+            mixed.div_(total if total.abs() >= 1e-8 else 1.0)
     if lam != 1:
-        mixed = mixed * lam
-    return b + mixed
+        mixed.mul_(lam)
+    return mixed.add_(b)
 
 
 def _register(family: Family) -> None:
