@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -102,14 +103,19 @@ def _print_zoo_table(zoo, random_layerwise: int, markdown: Path | None) -> None:
 
     rows = zoo_table(zoo, random_layerwise=random_layerwise, log=err.print)
     pair = [zoo.manifest["models"][e]["skill"] for e in zoo.expert_set("mergeable")]
-    table = Table(title=f"toy zoo, held-out accuracy (synthetic; {zoo.root})")
-    for col in ["model / merge", *zoo.skills, f"mean({'+'.join(pair)})", "note"]:
-        table.add_column(col, justify="left" if col in ("model / merge", "note") else "right")
+    table = Table(
+        title=f"toy zoo (synthetic), held-out accuracy; mean = mean of {' and '.join(pair)}",
+        box=box.SIMPLE_HEAD,
+    )
+    table.add_column("model / merge", no_wrap=True)
+    for col in [*zoo.skills, "mean"]:
+        table.add_column(col, justify="right", no_wrap=True, min_width=5)
     for r in rows:
-        table.add_row(
-            r.label, *(f"{r.scores[s]:.3f}" for s in zoo.skills), f"{mean_of(r.scores, pair):.3f}", r.note
-        )
+        table.add_row(r.label, *(f"{r.scores[s]:.3f}" for s in zoo.skills), f"{mean_of(r.scores, pair):.3f}")
     out.print(table)
+    for r in rows:
+        if r.note and "held-out" in r.note:
+            out.print(f"{r.label}: {r.note}", soft_wrap=True)
     if markdown:
         markdown.write_text(format_table(rows, zoo.skills, pair) + "\n")
         err.print(f"wrote {markdown}")

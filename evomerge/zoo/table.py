@@ -84,10 +84,10 @@ def zoo_table(zoo: Zoo, *, random_layerwise: int = 32, seed: int = 0, log=print)
         experts = [states[n] for n in zoo.expert_set(set_name)]
         for lam, what in [(0.5, "average of experts"), (1.0, "sum of task vectors")]:
             merged = task_arithmetic(states["base"], experts, lambda i, g, lam=lam: lam)
-            rows.append(Row(f"{set_name}: task arithmetic lambda={lam}", scorer.score(merged), what))
+            rows.append(Row(f"{set_name}: task arithmetic x{lam}", scorer.score(merged), what))
     forgot = zoo.expert_set("forgetting")
     merged = task_arithmetic(states["base"], [states[n] for n in forgot], lambda i, g: 0.5)
-    rows.append(Row(f"forgetting: {forgot[0]} half-way to base", scorer.score(merged), "lambda=0.5"))
+    rows.append(Row(f"forgetting: {forgot[0]} x0.5", scorer.score(merged), "half-way back to the base"))
 
     if random_layerwise:
         rows += _random_layerwise(zoo, scorer, states, random_layerwise, seed, log)
@@ -116,8 +116,14 @@ def _random_layerwise(zoo, scorer, states, n, seed, log) -> list[Row]:
         f"held-out mean over {n} draws: min {helds[0]:.3f}, median {helds[n // 2]:.3f}, max {helds[-1]:.3f}"
     )
     return [
-        Row("hard: random per-layer TA, best on fit split", best[2], spread),
-        Row("hard: random per-layer TA, worst on fit split", worst[2], f"{len(groups)} groups x 2 experts"),
+        Row(
+            f"hard: per-layer TA, best of {n}", best[2], spread + " (best and worst chosen on the fit split)"
+        ),
+        Row(
+            f"hard: per-layer TA, worst of {n}",
+            worst[2],
+            f"random coefficients, {len(groups)} groups x 2 experts",
+        ),
     ]
 
 
