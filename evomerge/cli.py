@@ -174,6 +174,59 @@ def merge(
     out.print(f"wrote {out_dir}")
 
 
+@app.command("eval")
+def eval_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="A Hugging Face checkpoint directory (safetensors).")],
+    task: Annotated[
+        list[str],
+        typer.Option("--task", help="NAME[:METRIC[:WEIGHT]]; metric as lm-eval names it (acc = acc,none)."),
+    ],
+    task_dir: Annotated[
+        list[Path], typer.Option("--task-dir", help="A directory of lm-eval task YAML.")
+    ] = [],  # noqa: B006
+    limit: Annotated[int | None, typer.Option(help="Examples per task (a fixed, seeded subset).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Requests per forward pass.")] = 64,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Score a checkpoint on lm-eval tasks: per-task metrics and the weighted aggregate.
+
+    Task YAML paths in --task-dir resolve relative data_files against the YAML's own folder.
+    """
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.checkpoint import CheckpointReader
+    from evomerge.fitness import Fitness, FitnessSpec
+    from evomerge.fitness.lm_eval_tasks import task_specs_from_cli
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvomergeError(f"--device {device}: no CUDA device is available here")
+    CheckpointReader(model_dir)  # refuses pickles and non-checkpoints with a clear message
+    spec = FitnessSpec(
+        tasks=task_specs_from_cli(task), task_dirs=task_dir, limit=limit, batch_size=batch_size
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False)
+    model = model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    result = Fitness(model, tokenizer, spec)()
+    if result.error:
+        raise EvomergeError(result.error)
+    if as_json:
+        payload = {"model": str(model_dir), "metrics": result.metrics, "aggregate": result.objectives[0]}
+        print(json.dumps(payload, indent=2))
+        return
+    table = Table(title=f"{model_dir}", box=box.SIMPLE_HEAD)
+    for col in ["task", "metric", "value", "weight"]:
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for t in spec.tasks:
+        table.add_row(t.label, t.metric_key, f"{result.metrics[t.label][t.metric_key]:.4f}", f"{t.weight:g}")
+    out.print(table)
+    out.print(f"weighted aggregate: {result.objectives[0]:.4f}  ({result.seconds:.2f} s)")
+
+
 @app.command()
 def inspect(
     checkpoint: Annotated[Path, typer.Argument(help="A Hugging Face safetensors checkpoint directory.")],
