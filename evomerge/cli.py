@@ -36,7 +36,7 @@ zoo_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(zoo_app, name="zoo")
-out = Console()
+out = Console(soft_wrap=True)  # long paths stay on one line (and greppable)
 err = Console(stderr=True, soft_wrap=True)
 
 
