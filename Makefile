@@ -33,6 +33,7 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/zoo_table.py
 	$(PY) benchmarks/fitness_speed.py
+	$(PY) benchmarks/optimizer_efficiency.py
 	$(PY) benchmarks/merge_speed.py
 
 lint: setup

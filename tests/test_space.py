@@ -89,6 +89,10 @@ def test_every_shipped_space_decodes_to_a_recipe_both_engines_accept(path, zoo):
     header = path.read_text().splitlines()[0]
     assert header.startswith("# "), "each space starts with a comment saying when to use it"
     space = SearchSpace.load(path, zoo.model("base"), experts_for(path, zoo))
+    from evomerge.optimizers import OPTIMIZERS, make_optimizer
+
+    assert space.spec.optimizer in OPTIMIZERS
+    make_optimizer(space.spec.optimizer, space)  # the recommended optimizer accepts the space
     for genome in [space.initial(), space.random(random.Random(1))]:
         recipe = space.decode(genome, seed=3)
         assert len(merge_to_state_dict(recipe)) == 39
