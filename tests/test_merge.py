@@ -202,7 +202,14 @@ def test_merge_tensors_matches_the_engine_for_one_tensor(quick_zoo):
     assert torch.equal(out, direct)
 
 
-@pytest.mark.parametrize("example", sorted(Path(__file__).parent.parent.glob("examples/zoo-*.yaml")), ids=str)
+RECIPES = [
+    p
+    for p in sorted(Path(__file__).parent.parent.glob("examples/*.yaml"))
+    if "merge_method:" in p.read_text()
+]
+
+
+@pytest.mark.parametrize("example", RECIPES, ids=str)
 def test_shipped_example_recipes_merge_and_mergekit_accepts_them(example, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths resolve from the recipe's folder
     state = merge_to_state_dict(example)

@@ -1,0 +1,126 @@
+"""The search configuration (one YAML file), validated with messages that name the key."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from evomerge.errors import EvomergeError
+from evomerge.fitness.spec import FitnessSpec, TaskSpec
+
+
+class Models(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base: Path
+    experts: dict[str, Path] = Field(min_length=1)
+
+
+class OptimizerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None  # default: the space's recommended optimizer
+    seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Budget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_evals: int = Field(100, gt=0)
+    time_limit: str | None = None  # "8h", "30m", "90s"
+    target: float | None = None
+
+    @field_validator("time_limit")
+    @classmethod
+    def _duration(cls, v):
+        if v is not None:
+            parse_duration(v)
+        return v
+
+
+class Workers(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    count: int = Field(0, ge=0)  # 0: in-process (the only mode so far)
+    device: str = "auto"
+
+
+class SearchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: Models
+    space: Path | dict
+    fitness: FitnessSpec
+    heldout: list[TaskSpec] = Field(default_factory=list)  # scored for the best at the end
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    budget: Budget = Field(default_factory=Budget)
+    workers: Workers = Field(default_factory=Workers)
+    output: Path = Path("runs/search")
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: dict | None = None) -> SearchConfig:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise EvomergeError(f"{path}: cannot read config ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise EvomergeError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise EvomergeError(f"{path}: a search config must be a mapping")
+        for dotted, value in (overrides or {}).items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+        try:
+            config = cls.model_validate(data)
+        except ValidationError as e:
+            raise EvomergeError(f"{path}: {_explain(e)}") from None
+        return config.resolved(path.parent)
+
+    def resolved(self, folder: Path) -> SearchConfig:
+        """Relative paths are relative to the config file's folder; make them absolute."""
+
+        def absolute(p: Path) -> Path:
+            return p if p.is_absolute() else (folder / p).resolve()
+
+        data = self.model_copy(deep=True)
+        data.models.base = absolute(data.models.base)
+        data.models.experts = {k: absolute(v) for k, v in data.models.experts.items()}
+        if isinstance(data.space, Path):
+            data.space = absolute(data.space)
+        data.fitness.task_dirs = [absolute(d) for d in data.fitness.task_dirs]
+        data.output = absolute(data.output)
+        return data
+
+
+def _explain(e: ValidationError) -> str:
+    err = e.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        parent_fields = _fields_at(SearchConfig, [str(p) for p in err["loc"][:-1]])
+        close = difflib.get_close_matches(str(err["loc"][-1]), parent_fields, n=1)
+        return f"{key}: unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
+    return f"{key}: {err['msg'].removeprefix('Value error, ')}"
+
+
+def _fields_at(model, path: list[str]) -> list[str]:
+    for key in path:
+        field = model.model_fields.get(key)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def parse_duration(text: str) -> float:
+    """'8h', '30m', '90s', '1.5h' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise ValueError(f"cannot read duration {text!r}; write e.g. 8h, 30m or 90s") from None

@@ -1,0 +1,57 @@
+"""The run ledger: every evaluation as a trial of an Optuna study in ``RUN/study.db``.
+
+Whatever optimizer proposed it, a trial holds the genes as params (numeric genes in [0, 1]),
+the objectives as values (or the FAIL state), and as user attributes the per-task metrics,
+the recipe digest, seconds spent merging and evaluating, and the error. `optuna-dashboard
+sqlite:///RUN/study.db` and `optuna.load_study` read it as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState
+
+from evomerge.space import Genome, SearchSpace
+
+STUDY = "evomerge"
+
+
+class Ledger:
+    def __init__(self, run_dir: Path, space: SearchSpace, n_objectives: int = 1):
+        optuna.logging.set_verbosity(logging.WARNING)
+        self.url = f"sqlite:///{Path(run_dir).resolve() / 'study.db'}"
+        self.study = optuna.create_study(
+            study_name=STUDY,
+            storage=self.url,
+            directions=["maximize"] * n_objectives,
+            load_if_exists=True,
+        )
+        self.distributions = {
+            g.name: CategoricalDistribution(list(g.choices)) if g.categorical else FloatDistribution(0.0, 1.0)
+            for g in space.genes
+        }
+
+    def record(self, genome: Genome, objectives: list[float] | None, attrs: dict) -> int:
+        trial = optuna.trial.create_trial(
+            params={k: genome[k] for k in self.distributions},
+            distributions=self.distributions,
+            values=objectives,
+            state=TrialState.COMPLETE if objectives is not None else TrialState.FAIL,
+            user_attrs=attrs,
+        )
+        self.study.add_trial(trial)
+        return len(self.study.get_trials(deepcopy=False)) - 1
+
+    def trials(self) -> list[optuna.trial.FrozenTrial]:
+        return self.study.get_trials(deepcopy=False)
+
+    def count(self) -> int:
+        return len(self.trials())
+
+    def best(self) -> optuna.trial.FrozenTrial | None:
+        done = [t for t in self.trials() if t.state == TrialState.COMPLETE]
+        return max(done, key=lambda t: t.values[0]) if done else None

@@ -1,0 +1,207 @@
+"""The search loop: ask, decode, merge in place, score, tell, record; resumable.
+
+This is the in-process loop (``workers.count: 0``): one resident model, merged into in place
+for every candidate. The order of effects makes a killed run resumable exactly: a trial is
+recorded in the ledger first, then told to the optimizer, then the optimizer's state is
+saved (atomically) with the number of trials it has seen. On resume, trials the ledger has
+beyond that number are replayed from the ledger (same proposal, stored result) instead of
+being evaluated again, so an interrupted and resumed run ends with the same trials as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from evomerge.config import SearchConfig, parse_duration
+from evomerge.errors import EvomergeError
+from evomerge.fitness import Fitness, FitnessResult
+from evomerge.ledger import Ledger
+from evomerge.merge import merge_into_model
+from evomerge.optimizers import make_optimizer
+from evomerge.space import SearchSpace, SpaceSpec
+
+STATE = "optimizer.pkl"
+
+
+@dataclass
+class SearchSummary:
+    run_dir: Path
+    trials: int
+    failures: int
+    best_value: float | None
+    best_recipe: Path | None
+    seconds: float
+
+
+def load_space(config: SearchConfig) -> SearchSpace:
+    experts = {k: str(v) for k, v in config.models.experts.items()}
+    if isinstance(config.space, dict):
+        return SearchSpace(SpaceSpec.model_validate(config.space), config.models.base, experts)
+    return SearchSpace.load(config.space, config.models.base, experts)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class _Lock:
+    """One search per run directory: a lock file holding the owner's pid."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+
+    def __enter__(self):
+        if self.path.exists():
+            pid = int(self.path.read_text() or 0)
+            if pid and _alive(pid):
+                raise EvomergeError(f"{self.path.parent}: a search (pid {pid}) is already running here")
+        self.path.write_text(str(os.getpid()))
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
+
+
+def search(
+    config: SearchConfig,
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    evaluate_hook: Callable[[int], None] | None = None,
+) -> SearchSummary:
+    """Run (or continue) a search until the budget is spent; see the module docstring."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = config.output
+    if not resume and (run_dir / "study.db").exists():
+        raise EvomergeError(f"{run_dir}: holds a search already; `evomerge resume {run_dir}` continues it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "best").mkdir(exist_ok=True)
+    if not resume:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    space = load_space(config)
+    name = config.optimizer.name or space.spec.optimizer or "cma"
+    n_obj = len(config.fitness.tasks) if config.fitness.objectives == "separate" else 1
+    with _Lock(run_dir):
+        ledger = Ledger(run_dir, space, n_obj)
+        optimizer = make_optimizer(name, space, seed=config.optimizer.seed, n_objectives=n_obj,
+                                   **config.optimizer.options)  # fmt: skip
+        told = 0
+        if resume and (run_dir / STATE).exists():
+            saved = pickle.loads((run_dir / STATE).read_bytes())  # noqa: S301 (our own file)
+            optimizer.restore(saved["state"])
+            told = saved["told"]
+        replay = ledger.trials()[told:]  # recorded but not yet told when the run stopped
+        device = "cuda" if config.workers.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        model = (
+            AutoModelForCausalLM.from_pretrained(config.models.base, dtype=torch.float32).to(device).eval()
+        )
+        tokenizer = AutoTokenizer.from_pretrained(config.models.base)
+        fitness = Fitness(model, tokenizer, config.fitness)
+        deadline = (
+            time.monotonic() + parse_duration(config.budget.time_limit) if config.budget.time_limit else None
+        )
+        seen = {  # recipe digest -> (objectives, attributes) of every evaluation so far
+            t.user_attrs["recipe"]: (t.values if t.state.name == "COMPLETE" else None, dict(t.user_attrs))
+            for t in ledger.trials()
+            if t.user_attrs.get("recipe")
+        }
+        best = ledger.best()
+        best_value = best.values[0] if best else None
+        start = time.perf_counter()
+        while told < config.budget.max_evals:
+            if deadline and time.monotonic() > deadline:
+                log("time limit reached")
+                break
+            proposals = optimizer.ask(1)
+            if not proposals:
+                raise RuntimeError("optimizer proposed nothing with no evaluation in flight")
+            p = proposals[0]
+            recipe = space.decode(p.genome, seed=config.optimizer.seed)
+            digest = recipe.digest()
+            if replay:
+                trial = replay.pop(0)
+                if trial.user_attrs.get("recipe") != digest:
+                    raise EvomergeError(
+                        f"{run_dir}: the ledger and the optimizer state disagree; cannot resume"
+                    )
+                objectives = trial.values if trial.state.name == "COMPLETE" else None
+            else:
+                if evaluate_hook:
+                    evaluate_hook(told)
+                objectives, attrs = _evaluate(recipe, digest, model, fitness, seen)
+                ledger.record(p.genome, objectives, attrs)
+                seen.setdefault(digest, (objectives, attrs))
+            optimizer.tell(p.id, objectives)
+            told += 1
+            _atomic_write(run_dir / STATE, pickle.dumps({"told": told, "state": optimizer.state()}))
+            if objectives is not None and (best_value is None or objectives[0] > best_value):
+                best_value = objectives[0]
+                recipe.save(run_dir / "best" / "recipe.yaml")
+            status = "failed" if objectives is None else f"{objectives[0]:.4f}"
+            best_text = "-" if best_value is None else f"{best_value:.4f}"
+            log(f"[{told}/{config.budget.max_evals}] {status}  best {best_text}")
+            if (
+                config.budget.target is not None
+                and best_value is not None
+                and best_value >= config.budget.target
+            ):
+                log("target reached")
+                break
+        trials = ledger.trials()
+        failures = sum(t.state.name == "FAIL" for t in trials)
+        best_path = run_dir / "best" / "recipe.yaml"
+        return SearchSummary(
+            run_dir,
+            len(trials),
+            failures,
+            best_value,
+            best_path if best_path.exists() else None,
+            time.perf_counter() - start,
+        )
+
+
+def _evaluate(recipe, digest, model, fitness: Fitness, seen: dict) -> tuple[list[float] | None, dict]:
+    """Merge into the resident model and score it; a recipe already evaluated is not
+    evaluated again (its result is reused and the trial marked as a duplicate)."""
+    if digest in seen:
+        objectives, attrs = seen[digest]
+        return objectives, {**attrs, "duplicate": True}
+    t0 = time.perf_counter()
+    try:
+        merge_into_model(recipe, model)
+        merged = time.perf_counter()
+        result = fitness()
+    except EvomergeError as e:
+        merged = time.perf_counter()
+        result = FitnessResult(None, error=str(e))
+    attrs = {
+        "recipe": digest,
+        "merge_seconds": round(merged - t0, 4),
+        "fitness_seconds": round(time.perf_counter() - merged, 4),
+        "metrics": json.dumps(result.metrics),
+        "error": result.error,
+    }
+    return result.objectives, attrs

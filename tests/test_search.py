@@ -1,0 +1,117 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evomerge.config import SearchConfig
+from evomerge.errors import EvomergeError
+from evomerge.ledger import Ledger
+from evomerge.search import load_space, search
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "zoo-search.yaml"
+
+
+def config(tmp_path, **overrides):
+    base = {"output": str(tmp_path / "run"), "budget.max_evals": 12, "fitness.limit": 48}
+    base.update(overrides)
+    return SearchConfig.load(EXAMPLE, base)
+
+
+def trial_rows(run_dir: Path, cfg):
+    ledger = Ledger(run_dir, load_space(cfg))
+    return [(t.params, t.values, t.user_attrs.get("recipe")) for t in ledger.trials()]
+
+
+@pytest.mark.slow
+def test_a_short_search_records_every_trial_and_its_best_recipe_reproduces(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.fitness import Fitness
+    from evomerge.merge import merge_into_model
+    from evomerge.recipe import MergeRecipe
+
+    cfg = config(tmp_path)
+    summary = search(cfg, log=lambda _: None)
+    assert summary.trials == 12 and summary.failures == 0
+    ledger = Ledger(cfg.output, load_space(cfg))
+    best = ledger.best()
+    assert best.values[0] == summary.best_value
+    assert json.loads(best.user_attrs["metrics"])["zoo_add_ll"]["acc,none"] >= 0
+    model = AutoModelForCausalLM.from_pretrained(cfg.models.base).eval()
+    fitness = Fitness(model, AutoTokenizer.from_pretrained(cfg.models.base), cfg.fitness)
+    merge_into_model(MergeRecipe.load(summary.best_recipe), model)
+    assert fitness().objectives == [summary.best_value]  # the exported recipe is what was scored
+
+
+@pytest.mark.slow
+def test_an_interrupted_and_resumed_search_ends_with_the_same_trials(tmp_path):
+    straight = config(tmp_path / "a")
+    search(straight, log=lambda _: None)
+
+    interrupted = config(tmp_path / "b")
+
+    def crash(n):
+        if n == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        search(interrupted, log=lambda _: None, evaluate_hook=crash)
+    assert len(trial_rows(interrupted.output, interrupted)) == 5
+    search(interrupted, resume=True, log=lambda _: None)
+    assert trial_rows(interrupted.output, interrupted) == trial_rows(straight.output, straight)
+
+
+def test_a_failing_candidate_is_recorded_and_the_search_goes_on(tmp_path, monkeypatch):
+    (tmp_path / "flaky_fitness.py").write_text(
+        "calls = [0]\n"
+        "def f(model, tokenizer):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] % 3 == 0:\n"
+        "        raise RuntimeError('out of luck')\n"
+        "    return 0.1 * calls[0]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = config(tmp_path, **{"fitness.python": "flaky_fitness:f", "budget.max_evals": 6})
+    cfg.fitness.tasks = []
+    summary = search(cfg, log=lambda _: None)
+    assert summary.trials == 6 and summary.failures == 2
+    errors = [
+        t.user_attrs["error"] for t in Ledger(cfg.output, load_space(cfg)).trials() if t.state.name == "FAIL"
+    ]
+    assert all("out of luck" in e for e in errors)
+
+
+def test_a_second_search_on_the_same_run_directory_is_refused(tmp_path):
+    cfg = config(tmp_path, **{"budget.max_evals": 1})
+    search(cfg, log=lambda _: None)
+    with pytest.raises(EvomergeError, match="holds a search already; `evomerge resume"):
+        search(cfg, log=lambda _: None)
+
+
+def test_config_errors_name_the_key_and_suggest_the_closest(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text(EXAMPLE.read_text().replace("budget: {max_evals: 150}", "budget: {max_eval: 150}"))
+    with pytest.raises(
+        EvomergeError, match=r"c.yaml: budget.max_eval: unknown key; did you mean 'max_evals'\?"
+    ):
+        SearchConfig.load(bad)
+    bad.write_text(EXAMPLE.read_text().replace("budget: {max_evals: 150}", "budget: {time_limit: soon}"))
+    with pytest.raises(EvomergeError, match="budget.time_limit: cannot read duration 'soon'"):
+        SearchConfig.load(bad)
+
+
+@pytest.mark.slow
+def test_search_cli_then_status(tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "evomerge", "search", str(EXAMPLE), "--run-dir", str(run), "--max-evals", "4"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "4 trials (0 failed)" in result.stdout
+    status = subprocess.run(
+        [sys.executable, "-m", "evomerge", "status", str(run), "--json"], capture_output=True, text=True
+    )
+    assert json.loads(status.stdout)["trials"] == 4
