@@ -357,6 +357,23 @@ def status_cmd(
         )
 
 
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    top: Annotated[int, typer.Option(help="How many of the best distinct trials to export.")] = 1,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where (default: RUN_DIR/best).")] = None,
+) -> None:
+    """Write the best trials as recipe + merged checkpoint + model card (held-out scores of the
+    merge and its parents), and RUN_DIR/report.png."""
+    from evomerge.export import export
+
+    if not (run_dir / "study.db").exists():
+        raise EvomergeError(f"{run_dir}: not a run directory (no study.db)")
+    for path in export(run_dir, top=top, out=out_dir, log=lambda line: err.print(line, highlight=False)):
+        out.print(f"exported {path}")
+    out.print(f"report: {run_dir / 'report.png'}")
+
+
 @app.command()
 def demo(
     run_dir: Annotated[Path, typer.Option(help="Where the demo search writes.")] = Path("runs/demo"),

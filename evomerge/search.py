@@ -130,7 +130,7 @@ def search(
         }
         best = ledger.best()
         best_value = best.values[0] if best else None
-        start = time.perf_counter()
+        start, told_at_start = time.perf_counter(), told
         while told < config.budget.max_evals:
             if deadline and time.monotonic() > deadline:
                 log("time limit reached")
@@ -162,7 +162,14 @@ def search(
                 recipe.save(run_dir / "best" / "recipe.yaml")
             status = "failed" if objectives is None else f"{objectives[0]:.4f}"
             best_text = "-" if best_value is None else f"{best_value:.4f}"
-            log(f"[{told}/{config.budget.max_evals}] {status}  best {best_text}")
+            elapsed = time.perf_counter() - start
+            rate = (told - told_at_start) / elapsed if elapsed > 0 else 0.0
+            eta = (config.budget.max_evals - told) / rate if rate > 0 else float("inf")
+            line = (f"[{told}/{config.budget.max_evals}] {status}  best {best_text}  "
+                    f"{rate * 3600:.0f}/h  eta {_duration(eta)}")  # fmt: skip
+            log(line)
+            with open(run_dir / "search.log", "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
             if (
                 config.budget.target is not None
                 and best_value is not None
@@ -181,6 +188,17 @@ def search(
             best_path if best_path.exists() else None,
             time.perf_counter() - start,
         )
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 def _evaluate(recipe, digest, model, fitness: Fitness, seen: dict) -> tuple[list[float] | None, dict]:

@@ -115,3 +115,26 @@ def test_search_cli_then_status(tmp_path):
         [sys.executable, "-m", "evomerge", "status", str(run), "--json"], capture_output=True, text=True
     )
     assert json.loads(status.stdout)["trials"] == 4
+
+
+@pytest.mark.slow
+def test_export_writes_a_loadable_checkpoint_that_the_recipe_reproduces_bit_for_bit(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.checkpoint import CheckpointReader
+    from evomerge.export import export
+    from evomerge.merge import merge_to_state_dict
+
+    cfg = config(tmp_path, **{"budget.max_evals": 6})
+    search(cfg, log=lambda _: None)
+    [best] = export(cfg.output, log=lambda _: None)
+    model_dir = best / "model"
+    AutoModelForCausalLM.from_pretrained(model_dir)
+    assert AutoTokenizer.from_pretrained(model_dir).decode([70, 71]) == "ab"
+    again = merge_to_state_dict(best / "recipe.yaml")
+    reader = CheckpointReader(model_dir)
+    assert all(torch.equal(reader.get(n), t) for n, t in again.items())
+    card = (best / "README.md").read_text()
+    assert "Held-out scores" in card and "expert add" in card and "merge_method:" in card
+    assert (cfg.output / "report.png").stat().st_size > 10_000
