@@ -138,3 +138,43 @@ def test_export_writes_a_loadable_checkpoint_that_the_recipe_reproduces_bit_for_
     card = (best / "README.md").read_text()
     assert "Held-out scores" in card and "expert add" in card and "merge_method:" in card
     assert (cfg.output / "report.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_a_search_killed_with_sigkill_resumes_to_the_full_budget_without_losing_a_trial(tmp_path):
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    argv = [
+        sys.executable,
+        "-m",
+        "evomerge",
+        "search",
+        str(EXAMPLE),
+        "--run-dir",
+        str(run),
+        "--max-evals",
+        "30",
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = run / "search.log"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 5):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    cfg = SearchConfig.load(run / "config.yaml", {"output": str(run)})
+    killed_at = len(trial_rows(run, cfg))
+    assert 5 <= killed_at < 30
+    resumed = subprocess.run(
+        [sys.executable, "-m", "evomerge", "resume", str(run)], capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    rows = trial_rows(run, cfg)
+    assert len(rows) == 30
+    straight = tmp_path / "straight"
+    done = subprocess.run([*argv[:6], str(straight), "--max-evals", "30"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert rows == trial_rows(straight, cfg)  # the same trials as a run that was never killed
