@@ -95,6 +95,10 @@ def search(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir = config.output
+    if config.workers.count > 0:
+        raise EvomergeError(
+            f"workers.count: {config.workers.count} Ray workers are not available yet; use 0 (in-process)"
+        )
     if not resume and (run_dir / "study.db").exists():
         raise EvomergeError(f"{run_dir}: holds a search already; `evomerge resume {run_dir}` continues it")
     run_dir.mkdir(parents=True, exist_ok=True)
