@@ -1,19 +1,17 @@
-"""The search loop: ask, decode, merge in place, score, tell, record; resumable.
+"""The search loop: ask, decode, merge in place, score, record, tell; resumable.
 
 This is the in-process loop (``workers.count: 0``): one resident model, merged into in place
-for every candidate. The order of effects makes a killed run resumable exactly: a trial is
-recorded in the ledger first, then told to the optimizer, then the optimizer's state is
-saved (atomically) with the number of trials it has seen. On resume, trials the ledger has
-beyond that number are replayed from the ledger (same proposal, stored result) instead of
-being evaluated again, so an interrupted and resumed run ends with the same trials as an
-uninterrupted one.
+for every candidate. The ledger is the single source of truth: a trial is recorded before it
+is told to the optimizer, and resuming rebuilds the optimizer from its seed and replays the
+ledger's trials through ask/tell (the same proposals come back, the recorded results are told
+without evaluating again). An interrupted and resumed run thus ends with the same trials as an
+uninterrupted one, and no optimizer state file has to be trusted or kept in step.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +27,6 @@ from evomerge.ledger import Ledger
 from evomerge.merge import merge_into_model
 from evomerge.optimizers import make_optimizer
 from evomerge.space import SearchSpace, SpaceSpec
-
-STATE = "optimizer.pkl"
 
 
 @dataclass
@@ -48,12 +44,6 @@ def load_space(config: SearchConfig) -> SearchSpace:
     if isinstance(config.space, dict):
         return SearchSpace(SpaceSpec.model_validate(config.space), config.models.base, experts)
     return SearchSpace.load(config.space, config.models.base, experts)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class _Lock:
@@ -112,12 +102,6 @@ def search(
         ledger = Ledger(run_dir, space, n_obj)
         optimizer = make_optimizer(name, space, seed=config.optimizer.seed, n_objectives=n_obj,
                                    **config.optimizer.options)  # fmt: skip
-        told = 0
-        if resume and (run_dir / STATE).exists():
-            saved = pickle.loads((run_dir / STATE).read_bytes())  # noqa: S301 (our own file)
-            optimizer.restore(saved["state"])
-            told = saved["told"]
-        replay = ledger.trials()[told:]  # recorded but not yet told when the run stopped
         device = "cuda" if config.workers.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         model = (
             AutoModelForCausalLM.from_pretrained(config.models.base, dtype=torch.float32).to(device).eval()
@@ -132,6 +116,7 @@ def search(
             for t in ledger.trials()
             if t.user_attrs.get("recipe")
         }
+        told = _replay(ledger, optimizer) if resume else 0
         best = ledger.best()
         best_value = best.values[0] if best else None
         start, told_at_start = time.perf_counter(), told
@@ -145,22 +130,13 @@ def search(
             p = proposals[0]
             recipe = space.decode(p.genome, seed=config.optimizer.seed)
             digest = recipe.digest()
-            if replay:
-                trial = replay.pop(0)
-                if trial.user_attrs.get("recipe") != digest:
-                    raise EvomergeError(
-                        f"{run_dir}: the ledger and the optimizer state disagree; cannot resume"
-                    )
-                objectives = trial.values if trial.state.name == "COMPLETE" else None
-            else:
-                if evaluate_hook:
-                    evaluate_hook(told)
-                objectives, attrs = _evaluate(recipe, digest, model, fitness, seen)
-                ledger.record(p.genome, objectives, attrs)
-                seen.setdefault(digest, (objectives, attrs))
+            if evaluate_hook:
+                evaluate_hook(told)
+            objectives, attrs = _evaluate(recipe, digest, model, fitness, seen)
+            ledger.record(p.genome, objectives, attrs)
+            seen.setdefault(digest, (objectives, attrs))
             optimizer.tell(p.id, objectives)
             told += 1
-            _atomic_write(run_dir / STATE, pickle.dumps({"told": told, "state": optimizer.state()}))
             if objectives is not None and (best_value is None or objectives[0] > best_value):
                 best_value = objectives[0]
                 recipe.save(run_dir / "best" / "recipe.yaml")
@@ -192,6 +168,21 @@ def search(
             best_path if best_path.exists() else None,
             time.perf_counter() - start,
         )
+
+
+def _replay(ledger: Ledger, optimizer) -> int:
+    """Bring a fresh optimizer to where the recorded run was: ask, check the proposal is the
+    recorded one, tell the recorded result. Returns the number of trials replayed."""
+    trials = ledger.trials()
+    for trial in trials:
+        [p] = optimizer.ask(1)
+        if p.genome != trial.params:
+            raise EvomergeError(
+                f"{ledger.url}: trial {trial.number} is not what the optimizer proposes on replay "
+                "(were the config, space or seed changed?); cannot resume"
+            )
+        optimizer.tell(p.id, trial.values if trial.state.name == "COMPLETE" else None)
+    return len(trials)
 
 
 def _duration(seconds: float) -> str:

@@ -1,11 +1,18 @@
-"""One ask/tell interface over every optimizer backend. Objectives are maximized."""
+"""One ask/tell interface over every optimizer backend. Objectives are maximized.
+
+State is derived, not pickled: every optimizer here is deterministic given its seed and the
+sequence of asks and tells it has seen, so ``state()`` is that sequence (JSON) and
+``restore()`` rebuilds the optimizer and replays it. No unpickling of files from a run
+directory, and a state that reads as what happened.
+"""
 
 from __future__ import annotations
 
-import pickle
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from evomerge.errors import EvomergeError
 from evomerge.space import Genome, SearchSpace
 
 
@@ -21,17 +28,47 @@ class Optimizer(ABC):
 
     name: str
 
-    def __init__(self, space: SearchSpace, seed: int, n_objectives: int = 1):
-        self.space, self.seed, self.n_objectives = space, seed, n_objectives
+    def __init__(self, space: SearchSpace, seed: int, n_objectives: int = 1, **options):
+        self.space, self.seed, self.n_objectives, self.options = space, seed, n_objectives, options
+        self._events: list[list] = []  # ["ask", n] and ["tell", id, objectives], in order
+
+    def ask(self, n: int = 1) -> list[Proposal]:
+        proposals = self._ask(n)
+        self._events.append(["ask", n])
+        return proposals
+
+    def tell(self, proposal_id: int, objectives: list[float] | None) -> None:
+        self._tell(proposal_id, objectives)
+        self._events.append(
+            ["tell", proposal_id, None if objectives is None else [float(v) for v in objectives]]
+        )
 
     @abstractmethod
-    def ask(self, n: int = 1) -> list[Proposal]: ...
+    def _ask(self, n: int) -> list[Proposal]: ...
 
     @abstractmethod
-    def tell(self, proposal_id: int, objectives: list[float] | None) -> None: ...
+    def _tell(self, proposal_id: int, objectives: list[float] | None) -> None: ...
 
     def state(self) -> bytes:
-        return pickle.dumps(self.__dict__)
+        return json.dumps(
+            {
+                "seed": self.seed,
+                "n_objectives": self.n_objectives,
+                "options": self.options,
+                "events": self._events,
+            }
+        ).encode()
 
     def restore(self, state: bytes) -> None:
-        self.__dict__.update(pickle.loads(state))  # noqa: S301 (our own state file)
+        """Rebuild from ``state()``: same seed and options, the same asks and tells replayed."""
+        try:
+            data = json.loads(state)
+            events = data["events"]
+            type(self).__init__(self, self.space, data["seed"], data["n_objectives"], **data["options"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise EvomergeError(f"optimizer state is not readable ({e})") from None
+        for event in events:
+            if event[0] == "ask":
+                self.ask(event[1])
+            else:
+                self.tell(event[1], event[2])

@@ -28,7 +28,9 @@ class CMAOptimizer(Optimizer):
         restarts: int = 0,
         **options,
     ):
-        super().__init__(space, seed, n_objectives)
+        super().__init__(
+            space, seed, n_objectives, sigma0=sigma0, popsize=popsize, restarts=restarts, **options
+        )
         if n_objectives != 1:
             raise EvomergeError("optimizer cma optimizes one objective; use nsga2 for several")
         categorical = [g.name for g in space.genes if g.categorical]
@@ -38,14 +40,14 @@ class CMAOptimizer(Optimizer):
             )
         self.names = [g.name for g in space.genes]
         x0 = [float(space.initial()[n]) for n in self.names]
-        self.sigma0, self.restarts_left, self.options = sigma0, restarts, options
+        self.sigma0, self.restarts_left, self.cma_options = sigma0, restarts, options
         self.popsize = popsize or 4 + int(3 * np.log(len(self.names)))
         self._start(x0, self.popsize, seed)
         self.next_id = 0
         self.worst = None
 
     def _start(self, x0, popsize, seed):
-        opts = {"bounds": [0, 1], "popsize": popsize, "seed": seed + 1, "verbose": -9, **self.options}
+        opts = {"bounds": [0, 1], "popsize": popsize, "seed": seed + 1, "verbose": -9, **self.cma_options}
         self.es = cma.CMAEvolutionStrategy(x0, self.sigma0, opts)
         self._new_generation()
 
@@ -55,7 +57,7 @@ class CMAOptimizer(Optimizer):
         self.results: dict[int, float] = {}
         self.ids: dict[int, int] = {}  # proposal id -> member index
 
-    def ask(self, n: int = 1) -> list[Proposal]:
+    def _ask(self, n: int) -> list[Proposal]:
         out = []
         while len(out) < n and self.pending:
             member = self.pending.pop(0)
@@ -66,7 +68,7 @@ class CMAOptimizer(Optimizer):
             out.append(Proposal(pid, dict(zip(self.names, map(float, x), strict=True))))
         return out
 
-    def tell(self, proposal_id: int, objectives: list[float] | None) -> None:
+    def _tell(self, proposal_id: int, objectives: list[float] | None) -> None:
         member = self.ids.pop(proposal_id)
         if objectives is None:
             loss = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
@@ -38,7 +37,7 @@ class OptunaOptimizer(Optimizer):
     in [0, 1]. Failures are told as FAIL trials, which samplers skip."""
 
     def __init__(self, space, seed: int, n_objectives: int = 1, *, sampler: str = "tpe", **options):
-        super().__init__(space, seed, n_objectives)
+        super().__init__(space, seed, n_objectives, sampler=sampler, **options)
         self.name = sampler
         categorical = any(g.categorical for g in space.genes)
         optuna.logging.set_verbosity(logging.WARNING)
@@ -53,7 +52,7 @@ class OptunaOptimizer(Optimizer):
         self.study.enqueue_trial(space.initial())  # start where the space says is sensible
         self.trials = {}
 
-    def ask(self, n: int = 1) -> list[Proposal]:
+    def _ask(self, n: int) -> list[Proposal]:
         out = []
         for _ in range(n):
             trial = self.study.ask(self.distributions)
@@ -61,31 +60,9 @@ class OptunaOptimizer(Optimizer):
             out.append(Proposal(trial.number, dict(trial.params)))
         return out
 
-    def tell(self, proposal_id: int, objectives: list[float] | None) -> None:
+    def _tell(self, proposal_id: int, objectives: list[float] | None) -> None:
         trial = self.trials.pop(proposal_id)
         if objectives is None:
             self.study.tell(trial, state=TrialState.FAIL)
         else:
             self.study.tell(trial, list(objectives) if self.n_objectives > 1 else float(objectives[0]))
-
-    # Some samplers (NSGA-II) hold a thread lock, which does not pickle: drop and recreate it.
-    def state(self) -> bytes:
-        sampler = self.study.sampler
-        locks = {k: v for k, v in vars(sampler).items() if isinstance(v, _LOCK_TYPES)}
-        for k in locks:
-            setattr(sampler, k, None)
-        try:
-            return super().state()
-        finally:
-            for k, v in locks.items():
-                setattr(sampler, k, v)
-
-    def restore(self, state: bytes) -> None:
-        super().restore(state)
-        sampler = self.study.sampler
-        for k, v in vars(sampler).items():
-            if v is None and k.endswith("lock"):
-                setattr(sampler, k, threading.Lock())
-
-
-_LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
