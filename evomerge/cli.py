@@ -326,15 +326,13 @@ def status_cmd(
     """Progress of a search: trials, failures, the best so far with its per-task metrics."""
     import json
 
-    import optuna
+    from evomerge.ledger import Ledger
 
     if not (run_dir / "study.db").exists():
         raise EvomergeError(f"{run_dir}: not a run directory (no study.db)")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{run_dir.resolve() / 'study.db'}")
-    trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state.name == "COMPLETE"]
-    best = max(complete, key=lambda t: t.values[0]) if complete else None
+    ledger = Ledger(run_dir)
+    trials = ledger.trials()
+    best = ledger.best()
     payload = {
         "run_dir": str(run_dir),
         "trials": len(trials),

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from evomerge.errors import EvomergeError
 from evomerge.fitness.spec import FitnessSpec, TaskSpec
+from evomerge.validation import read_yaml, validate
 
 
 class Models(BaseModel):
@@ -60,25 +58,14 @@ class SearchConfig(BaseModel):
     @classmethod
     def load(cls, path: str | Path, overrides: dict | None = None) -> SearchConfig:
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as e:
-            raise EvomergeError(f"{path}: cannot read config ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise EvomergeError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise EvomergeError(f"{path}: a search config must be a mapping")
+        data = read_yaml(path, "search config")
         for dotted, value in (overrides or {}).items():
             node = data
             *parents, leaf = dotted.split(".")
             for key in parents:
                 node = node.setdefault(key, {})
             node[leaf] = value
-        try:
-            config = cls.model_validate(data)
-        except ValidationError as e:
-            raise EvomergeError(f"{path}: {_explain(e)}") from None
-        return config.resolved(path.parent)
+        return validate(cls, data, str(path)).resolved(path.parent)
 
     def resolved(self, folder: Path) -> SearchConfig:
         """Relative paths are relative to the config file's folder; make them absolute."""
@@ -94,26 +81,6 @@ class SearchConfig(BaseModel):
         data.fitness.task_dirs = [absolute(d) for d in data.fitness.task_dirs]
         data.output = absolute(data.output)
         return data
-
-
-def _explain(e: ValidationError) -> str:
-    err = e.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        parent_fields = _fields_at(SearchConfig, [str(p) for p in err["loc"][:-1]])
-        close = difflib.get_close_matches(str(err["loc"][-1]), parent_fields, n=1)
-        return f"{key}: unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
-    return f"{key}: {err['msg'].removeprefix('Value error, ')}"
-
-
-def _fields_at(model, path: list[str]) -> list[str]:
-    for key in path:
-        field = model.model_fields.get(key)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
 
 
 def parse_duration(text: str) -> float:

@@ -21,9 +21,13 @@ STUDY = "evomerge"
 
 
 class Ledger:
-    def __init__(self, run_dir: Path, space: SearchSpace, n_objectives: int = 1):
+    def __init__(self, run_dir: Path, space: SearchSpace | None = None, n_objectives: int = 1):
+        """Open (or create) the ledger of a run; without a space it is read-only."""
         optuna.logging.set_verbosity(logging.WARNING)
         self.url = f"sqlite:///{Path(run_dir).resolve() / 'study.db'}"
+        if space is None:
+            self.study = optuna.load_study(study_name=STUDY, storage=self.url)
+            return
         self.study = optuna.create_study(
             study_name=STUDY,
             storage=self.url,
@@ -35,7 +39,7 @@ class Ledger:
             for g in space.genes
         }
 
-    def record(self, genome: Genome, objectives: list[float] | None, attrs: dict) -> int:
+    def record(self, genome: Genome, objectives: list[float] | None, attrs: dict) -> None:
         trial = optuna.trial.create_trial(
             params={k: genome[k] for k in self.distributions},
             distributions=self.distributions,
@@ -44,13 +48,9 @@ class Ledger:
             user_attrs=attrs,
         )
         self.study.add_trial(trial)
-        return len(self.study.get_trials(deepcopy=False)) - 1
 
     def trials(self) -> list[optuna.trial.FrozenTrial]:
         return self.study.get_trials(deepcopy=False)
-
-    def count(self) -> int:
-        return len(self.trials())
 
     def best(self) -> optuna.trial.FrozenTrial | None:
         done = [t for t in self.trials() if t.state == TrialState.COMPLETE]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -56,18 +56,24 @@ class MergePlan:
     metadata_source: Path  # config.json and friends come from here
     tokenizer_source: Path
     num_layers: int
-    meta: dict = field(default_factory=dict)
 
 
-def _open_models(recipe: MergeRecipe, relative_to: Path | None) -> dict[str, CheckpointReader]:
+def _open_models(
+    recipe: MergeRecipe, relative_to: Path | None, cache: dict[str, CheckpointReader] | None
+) -> dict[str, CheckpointReader]:
     readers = {}
     for name in recipe.model_names():
+        if cache is not None and name in cache:
+            readers[name] = cache[name]
+            continue
         path = Path(name).expanduser()
         if not path.is_absolute() and not path.exists() and relative_to is not None:
             path = relative_to / path  # a recipe's relative paths also work from its own folder
         if not path.exists():
             raise EvomergeError(f"model {name!r}: no such directory")
         readers[name] = CheckpointReader(path)
+        if cache is not None:
+            cache[name] = readers[name]
     types = {n: r.config.get("model_type") for n, r in readers.items()}
     if len(set(types.values())) > 1:
         listing = ", ".join(f"{n} is {t}" for n, t in types.items())
@@ -80,10 +86,17 @@ def _depth(index: int, count: int) -> float:
     return index / (count - 1) if count > 1 else 1.0
 
 
-def plan_merge(recipe: MergeRecipe, *, relative_to: str | Path | None = None) -> MergePlan:
-    """Resolve a recipe against its checkpoints; raises before any tensor is read."""
+def plan_merge(
+    recipe: MergeRecipe,
+    *,
+    relative_to: str | Path | None = None,
+    readers: dict[str, CheckpointReader] | None = None,
+) -> MergePlan:
+    """Resolve a recipe against its checkpoints; raises before any tensor is read. Pass a
+    ``readers`` dict to keep checkpoints open across many plans (a search plans one per
+    candidate over the same models): it is filled on first use and reused after."""
     method = get_method(recipe.merge_method)
-    readers = _open_models(recipe, Path(relative_to) if relative_to else None)
+    readers = _open_models(recipe, Path(relative_to) if relative_to else None, readers)
     jobs: list[TensorJob] = []
     if recipe.models is not None:
         num_layers = _plan_models(recipe, method, readers, jobs)
@@ -335,13 +348,15 @@ class ModelSink:
 
 
 def merge_into_model(
-    recipe: MergeRecipe | str | Path, model: torch.nn.Module, *, plan: MergePlan | None = None
-):
-    """Merge straight into ``model``'s parameters on their device. Returns the plan, which
-    can be passed back in to skip re-planning the same recipe structure."""
-    if plan is None:
-        recipe, folder = _recipe(recipe)
-        plan = plan_merge(recipe, relative_to=folder)
+    recipe: MergeRecipe | str | Path,
+    model: torch.nn.Module,
+    *,
+    readers: dict[str, CheckpointReader] | None = None,
+) -> MergePlan:
+    """Merge straight into ``model``'s parameters on their device (``param.copy_``); see
+    :func:`plan_merge` for ``readers``."""
+    recipe, folder = _recipe(recipe)
+    plan = plan_merge(recipe, relative_to=folder, readers=readers)
     sink = ModelSink(model)
     device = next(model.parameters()).device
     execute(plan, sink, device=device)

@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import EvomergeError
 from evomerge.methods import get_method
 from evomerge.methods.registry import Param, Scope
+from evomerge.validation import read_yaml, validate
 
 Scalar = Union[bool, int, float, str]  # noqa: UP007 (pydantic union order matters)
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -130,30 +131,13 @@ class MergeRecipe(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> MergeRecipe:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as e:
-            raise EvomergeError(f"{path}: cannot read recipe ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise EvomergeError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-        return cls.parse(data, where=str(path))
+        return cls.parse(read_yaml(Path(path), "recipe"), where=str(path))
 
     @classmethod
     def parse(cls, data: Any, where: str = "recipe") -> MergeRecipe:
         if not isinstance(data, dict):
             raise EvomergeError(f"{where}: a recipe must be a mapping with merge_method, models or slices")
-        try:
-            return cls.model_validate(data)
-        except EvomergeError as e:
-            raise EvomergeError(f"{where}: {e}") from None
-        except ValidationError as e:
-            err = e.errors()[0]
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            raise EvomergeError(f"{where}: {key}: {msg}") from None
+        return validate(cls, data, where)
 
     def to_dict(self) -> dict:
         data = self.model_dump(mode="json", exclude_none=True)

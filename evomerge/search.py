@@ -117,6 +117,7 @@ def search(
             if t.user_attrs.get("recipe")
         }
         told = _replay(ledger, optimizer) if resume else 0
+        readers = {}  # checkpoints stay open for the whole search
         best = ledger.best()
         best_value = best.values[0] if best else None
         start, told_at_start = time.perf_counter(), told
@@ -132,7 +133,7 @@ def search(
             digest = recipe.digest()
             if evaluate_hook:
                 evaluate_hook(told)
-            objectives, attrs = _evaluate(recipe, digest, model, fitness, seen)
+            objectives, attrs = _evaluate(recipe, digest, model, fitness, seen, readers)
             ledger.record(p.genome, objectives, attrs)
             seen.setdefault(digest, (objectives, attrs))
             optimizer.tell(p.id, objectives)
@@ -196,7 +197,9 @@ def _duration(seconds: float) -> str:
     )
 
 
-def _evaluate(recipe, digest, model, fitness: Fitness, seen: dict) -> tuple[list[float] | None, dict]:
+def _evaluate(
+    recipe, digest, model, fitness: Fitness, seen: dict, readers: dict
+) -> tuple[list[float] | None, dict]:
     """Merge into the resident model and score it; a recipe already evaluated is not
     evaluated again (its result is reused and the trial marked as a duplicate)."""
     if digest in seen:
@@ -204,7 +207,7 @@ def _evaluate(recipe, digest, model, fitness: Fitness, seen: dict) -> tuple[list
         return objectives, {**attrs, "duplicate": True}
     t0 = time.perf_counter()
     try:
-        merge_into_model(recipe, model)
+        merge_into_model(recipe, model, readers=readers)
         merged = time.perf_counter()
         result = fitness()
     except EvomergeError as e:

@@ -29,14 +29,14 @@ from itertools import product
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.checkpoint import Block, CheckpointReader, locate
 from evomerge.errors import EvomergeError
 from evomerge.methods import get_method
 from evomerge.methods.registry import Scope
 from evomerge.recipe import MergeRecipe
+from evomerge.validation import read_yaml, validate
 
 SCOPES = ("group", "model", "block")
 BLOCK_FILTERS = {"attention": "self_attn", "mlp": "mlp"}  # block gene -> mergekit filter
@@ -152,20 +152,7 @@ class SearchSpace:
 
     @classmethod
     def load(cls, path: str | Path, base, experts) -> SearchSpace:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-            spec = SpaceSpec.model_validate(data)
-        except OSError as e:
-            raise EvomergeError(f"{path}: cannot read search space ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise EvomergeError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-        except EvomergeError as e:
-            raise EvomergeError(f"{path}: {e}") from None
-        except ValidationError as e:
-            err = e.errors()[0]
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            raise EvomergeError(f"{path}: {key}: {err['msg'].removeprefix('Value error, ')}") from None
+        spec = validate(SpaceSpec, read_yaml(Path(path), "search space"), str(path))
         return cls(spec, base, experts, where=str(path))
 
     # -- genes ---------------------------------------------------------------------------------

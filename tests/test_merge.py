@@ -89,12 +89,15 @@ def test_merge_into_a_resident_model_updates_parameters_in_place(quick_zoo):
     model = AutoModelForCausalLM.from_pretrained(quick_zoo.model("base"))
     before = {n: p.data_ptr() for n, p in model.named_parameters()}
     recipe = ties_recipe(quick_zoo)
-    plan = merge_into_model(recipe, model)
+    readers = {}
+    merge_into_model(recipe, model, readers=readers)
     expected = merge_to_state_dict(recipe)
     for n, p in model.named_parameters():
         assert p.data_ptr() == before[n]  # no reallocation
         assert torch.equal(p.data, expected[n])
-    merge_into_model(recipe, model, plan=plan)  # a plan is reusable
+    opened = dict(readers)
+    merge_into_model(recipe, model, readers=readers)  # checkpoints stay open across merges
+    assert readers == opened and all(readers[k] is opened[k] for k in opened)
 
 
 def test_tokenizer_source_picks_which_model_the_tokenizer_comes_from(quick_zoo, tmp_path):
@@ -185,7 +188,7 @@ def test_cli_reports_bad_recipes_in_one_line(tmp_path):
         text=True,
     )
     assert run.returncode == 1
-    assert run.stderr.strip() == f"error: {recipe}: paramters: unknown key"
+    assert run.stderr.strip() == f"error: {recipe}: paramters: unknown key; did you mean 'parameters'?"
 
 
 def test_merge_tensors_matches_the_engine_for_one_tensor(quick_zoo):

@@ -1,8 +1,8 @@
 """The zoo's score table: every model and a few uniform merges on each skill's held-out split.
 
 This is the evidence that the zoo makes merging matter (``benchmarks/results/zoo.md``).
-The merges here are plain task arithmetic on state dicts, written out in a few lines so
-that the zoo stays independent of the merge engine it is used to test.
+The merges are task arithmetic with per-layer-group weights, computed tensor by tensor with
+the merge engine's own method.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.checkpoint import CheckpointReader, locate
+from evomerge.methods import merge_tensors
 from evomerge.zoo import Zoo
 from evomerge.zoo.score import accuracy
 from evomerge.zoo.tasks import FIT, HELDOUT, read_split
@@ -40,7 +41,8 @@ def task_arithmetic(
     out = {}
     for name, b in base.items():
         g = layer_group(name)
-        out[name] = b + sum(weight(i, g) * (e[name] - b) for i, e in enumerate(experts))
+        weights = [weight(i, g) for i in range(len(experts))]
+        out[name] = merge_tensors("task_arithmetic", [e[name] for e in experts], b, weight=weights)
     return out
 
 
