@@ -268,6 +268,12 @@ def search_cmd(
         str | None, typer.Option(help="cma, tpe, optuna-cmaes, nsga2, gp, random, qmc.")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Optimizer seed.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Ray workers (0: evaluate in this process, no Ray).")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Join this Ray cluster (e.g. 10.0.0.5:6379) instead of a local Ray.")
+    ] = None,
 ) -> None:
     """Search for the best merge; every evaluation goes to RUN_DIR/study.db, the best recipe
     to RUN_DIR/best/recipe.yaml. Interrupt it any time and `evomerge resume RUN_DIR`."""
@@ -275,7 +281,8 @@ def search_cmd(
 
     overrides = {"output": str(run_dir.resolve())} if run_dir else {}
     for key, value in [("budget.max_evals", max_evals), ("budget.time_limit", time_limit),
-                       ("optimizer.name", optimizer), ("optimizer.seed", seed)]:  # fmt: skip
+                       ("optimizer.name", optimizer), ("optimizer.seed", seed),
+                       ("workers.count", workers), ("workers.ray_address", ray_address)]:  # fmt: skip
         if value is not None:
             overrides[key] = value
     _run_search(SearchConfig.load(config, overrides), resume=False)
@@ -285,16 +292,21 @@ def search_cmd(
 def resume_cmd(
     run_dir: Annotated[Path, typer.Argument(help="The run directory of an interrupted search.")],
     max_evals: Annotated[int | None, typer.Option(help="Raise the evaluation budget.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray workers this time (0: in-process).")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster this time.")] = None,
 ) -> None:
-    """Continue a search where it stopped, exactly as if it had not been interrupted."""
+    """Continue a search where it stopped: the optimizer is replayed from the run's journal
+    and candidates that were in flight are evaluated again."""
     from evomerge.config import SearchConfig
 
     path = run_dir / "config.yaml"
     if not path.exists():
         raise EvomergeError(f"{run_dir}: not a run directory (no config.yaml)")
     overrides = {"output": str(run_dir.resolve())}
-    if max_evals is not None:
-        overrides["budget.max_evals"] = max_evals
+    for key, value in [("budget.max_evals", max_evals), ("workers.count", workers),
+                       ("workers.ray_address", ray_address)]:  # fmt: skip
+        if value is not None:
+            overrides[key] = value
     _run_search(SearchConfig.load(path, overrides), resume=True)
 
 
@@ -315,6 +327,8 @@ def _run_search(config, resume: bool):
     best = "-" if summary.best_value is None else f"{summary.best_value:.4f}"
     out.print(f"{summary.trials} trials ({summary.failures} failed) in {summary.seconds:.0f} s; best {best}; "
               f"best recipe: {summary.best_recipe}")  # fmt: skip
+    if config.workers.count:
+        err.print(f"workers were busy merging and scoring {summary.busy_fraction:.0%} of the time")
     return summary
 
 

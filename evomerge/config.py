@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -39,9 +39,16 @@ class Budget(BaseModel):
 
 
 class Workers(BaseModel):
+    """Where candidates are evaluated: ``count`` Ray workers, or this process when 0."""
+
     model_config = ConfigDict(extra="forbid")
-    count: int = Field(0, ge=0)  # 0: in-process (the only mode so far)
-    device: str = "auto"
+    count: int = Field(0, ge=0)  # 0: in-process, no Ray (for debugging)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the worker sees a GPU
+    cpus_per_worker: int | None = Field(None, gt=0)  # default: the machine's CPUs / count (local)
+    gpus_per_worker: float | None = Field(None, ge=0)  # default: 1 when device is cuda, else 0
+    ray_address: str | None = None  # an existing Ray cluster; none: evomerge starts a local one
+    max_retries: int = Field(2, ge=0)  # re-runs of a candidate whose worker died
+    dashboard: bool = False  # Ray's dashboard, for a locally started Ray
 
 
 class SearchConfig(BaseModel):

@@ -26,3 +26,15 @@ def zoo():
     if not (PREBUILT / "zoo.json").exists():
         pytest.fail(f"the prebuilt zoo is missing from {PREBUILT}")
     return load_zoo()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (2 CPUs, no dashboard); pools reuse it."""
+    import logging
+
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()

@@ -103,13 +103,48 @@ def test_cma_rejects_categorical_genes_with_a_clear_error(zoo):
     assert {p["merge_method"] for p in proposals} <= {"ties", "task_arithmetic"}
 
 
-def test_cma_hands_out_one_generation_until_it_is_told(space):
+def test_cma_never_starves_workers_and_steps_on_the_first_popsize_results(space):
     opt = make_optimizer("cma", space, seed=0, popsize=6)
-    first = opt.ask(10)
-    assert len(first) == 6 and opt.ask(1) == []
-    for p in first:
+    first = opt.ask(10)  # more than a generation: 4 extra members from the same distribution
+    assert len(first) == 10 and len({tuple(p.genome.values()) for p in first}) == 10
+    mean = opt.es.mean.copy()
+    for p in first[:5]:
         opt.tell(p.id, [0.0])
-    assert len(opt.ask(10)) == 6
+    assert (opt.es.mean == mean).all()  # 5 of 6 results: no step yet
+    opt.tell(first[9].id, [1.0])  # the sixth result, from an extra member, completes the step
+    assert opt.generation_number == 2 and not (opt.es.mean == mean).all()
+    for p in first[5:9]:  # late: recorded by the caller, ignored by the distribution
+        opt.tell(p.id, [5.0])
+    assert opt.late == 4 and not opt.outstanding
+    assert len(opt.ask(3)) == 3
+
+
+def test_asynchronous_tells_in_any_order_replay_exactly(space):
+    f = noisy_sphere(space)
+    for name in ["cma", "tpe", "optuna-cmaes"]:
+        one = (
+            make_optimizer(name, space, seed=2, popsize=5)
+            if name == "cma"
+            else make_optimizer(name, space, seed=2)
+        )
+        rng = random.Random(0)
+        for _ in range(30):  # two workers: keep two out, tell a random one back
+            while len(one.outstanding) < 2:
+                one.ask(1)
+            pid = rng.choice(sorted(one.outstanding))
+            one.tell(pid, [f(pid, one.outstanding[pid].genome)])
+        two = make_optimizer(name, space, seed=0)
+        two.restore(one.state())
+        assert two.outstanding == one.outstanding
+        assert two.ask(3) == one.ask(3), name
+
+
+def test_telling_an_unknown_proposal_is_a_clear_error(space):
+    opt = make_optimizer("tpe", space, seed=0)
+    [p] = opt.ask(1)
+    opt.tell(p.id, [1.0])
+    with pytest.raises(EvomergeError, match=f"proposal {p.id} was never asked for, or was told already"):
+        opt.tell(p.id, [1.0])
 
 
 def test_unknown_optimizer_is_a_clear_error(space):

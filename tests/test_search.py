@@ -178,9 +178,3 @@ def test_a_search_killed_with_sigkill_resumes_to_the_full_budget_without_losing_
     done = subprocess.run([*argv[:6], str(straight), "--max-evals", "30"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert rows == trial_rows(straight, cfg)  # the same trials as a run that was never killed
-
-
-def test_ray_workers_are_refused_clearly_until_they_exist(tmp_path):
-    cfg = config(tmp_path, **{"workers.count": 2})
-    with pytest.raises(EvomergeError, match="workers.count: 2 Ray workers are not available yet; use 0"):
-        search(cfg, log=lambda _: None)

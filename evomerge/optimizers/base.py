@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from evomerge.errors import EvomergeError
@@ -24,24 +25,37 @@ class Proposal:
 
 class Optimizer(ABC):
     """``ask(n)`` proposes up to n genomes; ``tell(id, objectives)`` reports one (None: the
-    candidate failed and counts as the worst score); ``state()``/``restore()`` for resume."""
+    candidate failed and counts as the worst score); ``state()``/``restore()`` for resume.
+
+    Proposals may be told in any order and while others are out (asynchronous workers);
+    ``outstanding`` holds those asked and not yet told. ``on_event``, when set, receives each
+    ask and tell as it happens (the search appends them to the run's journal)."""
 
     name: str
 
     def __init__(self, space: SearchSpace, seed: int, n_objectives: int = 1, **options):
         self.space, self.seed, self.n_objectives, self.options = space, seed, n_objectives, options
         self._events: list[list] = []  # ["ask", n] and ["tell", id, objectives], in order
+        self.outstanding: dict[int, Proposal] = {}
+        self.on_event: Callable[[list], None] | None = None
 
     def ask(self, n: int = 1) -> list[Proposal]:
         proposals = self._ask(n)
-        self._events.append(["ask", n])
+        self.outstanding.update((p.id, p) for p in proposals)
+        self._event(["ask", n])
         return proposals
 
     def tell(self, proposal_id: int, objectives: list[float] | None) -> None:
+        if proposal_id not in self.outstanding:
+            raise EvomergeError(f"proposal {proposal_id} was never asked for, or was told already")
         self._tell(proposal_id, objectives)
-        self._events.append(
-            ["tell", proposal_id, None if objectives is None else [float(v) for v in objectives]]
-        )
+        del self.outstanding[proposal_id]
+        self._event(["tell", proposal_id, None if objectives is None else [float(v) for v in objectives]])
+
+    def _event(self, event: list) -> None:
+        self._events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
 
     @abstractmethod
     def _ask(self, n: int) -> list[Proposal]: ...
@@ -67,8 +81,15 @@ class Optimizer(ABC):
             type(self).__init__(self, self.space, data["seed"], data["n_objectives"], **data["options"])
         except (ValueError, KeyError, TypeError) as e:
             raise EvomergeError(f"optimizer state is not readable ({e})") from None
+        self.replay(events)
+
+    def replay(self, events: list[list]) -> None:
+        """Apply recorded asks and tells in order (a fresh optimizer with the same seed and
+        options then stands exactly where the recorded one stood)."""
         for event in events:
             if event[0] == "ask":
                 self.ask(event[1])
-            else:
+            elif event[0] == "tell":
                 self.tell(event[1], event[2])
+            else:
+                raise EvomergeError(f"optimizer history: unknown event {event!r}")
