@@ -34,6 +34,7 @@ bench: setup
 	$(PY) benchmarks/zoo_table.py
 	$(PY) benchmarks/fitness_speed.py
 	$(PY) benchmarks/optimizer_efficiency.py
+	$(PY) benchmarks/search_throughput.py
 	$(PY) benchmarks/merge_speed.py
 
 lint: setup

@@ -340,11 +340,13 @@ def status_cmd(
     """Progress of a search: trials, failures, the best so far with its per-task metrics."""
     import json
 
+    from evomerge.config import SearchConfig
     from evomerge.ledger import Ledger
 
-    if not (run_dir / "study.db").exists():
-        raise EvomergeError(f"{run_dir}: not a run directory (no study.db)")
-    ledger = Ledger(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise EvomergeError(f"{run_dir}: not a run directory (no config.yaml)")
+    config = SearchConfig.load(run_dir / "config.yaml", {"output": str(run_dir.resolve())})
+    ledger = Ledger(run_dir, storage=config.storage)
     trials = ledger.trials()
     best = ledger.best()
     payload = {
@@ -379,8 +381,8 @@ def export_cmd(
     merge and its parents), and RUN_DIR/report.png."""
     from evomerge.export import export
 
-    if not (run_dir / "study.db").exists():
-        raise EvomergeError(f"{run_dir}: not a run directory (no study.db)")
+    if not (run_dir / "config.yaml").exists():
+        raise EvomergeError(f"{run_dir}: not a run directory (no config.yaml)")
     for path in export(run_dir, top=top, out=out_dir, log=lambda line: err.print(line, highlight=False)):
         out.print(f"exported {path}")
     out.print(f"report: {run_dir / 'report.png'}")

@@ -48,6 +48,7 @@ class Workers(BaseModel):
     gpus_per_worker: float | None = Field(None, ge=0)  # default: 1 when device is cuda, else 0
     ray_address: str | None = None  # an existing Ray cluster; none: evomerge starts a local one
     max_retries: int = Field(2, ge=0)  # re-runs of a candidate whose worker died
+    prefetch: int = Field(1, ge=0)  # candidates queued on each worker behind the one it runs
     dashboard: bool = False  # Ray's dashboard, for a locally started Ray
 
 
@@ -61,6 +62,7 @@ class SearchConfig(BaseModel):
     budget: Budget = Field(default_factory=Budget)
     workers: Workers = Field(default_factory=Workers)
     output: Path = Path("runs/search")
+    storage: str | None = None  # an Optuna storage URL for the ledger; default sqlite:///OUTPUT/study.db
 
     @classmethod
     def load(cls, path: str | Path, overrides: dict | None = None) -> SearchConfig:

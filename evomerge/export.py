@@ -28,7 +28,7 @@ def export(run_dir: Path, top: int = 1, out: Path | None = None, log=print) -> l
     run_dir = Path(run_dir)
     config = SearchConfig.load(run_dir / "config.yaml", {"output": str(run_dir.resolve())})
     space = load_space(config)
-    ledger = Ledger(run_dir, space)
+    ledger = Ledger(run_dir, space, storage=config.storage)
     done = sorted((t for t in ledger.trials() if t.state.name == "COMPLETE"), key=lambda t: -t.values[0])
     out = Path(out) if out else run_dir / "best"
     out.mkdir(parents=True, exist_ok=True)

@@ -15,21 +15,34 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
+from evomerge.errors import EvomergeError
 from evomerge.space import Genome, SearchSpace
 
 STUDY = "evomerge"
 
 
 class Ledger:
-    def __init__(self, run_dir: Path, space: SearchSpace | None = None, n_objectives: int = 1):
-        """Open (or create) the ledger of a run; without a space it is read-only."""
+    def __init__(
+        self,
+        run_dir: Path,
+        space: SearchSpace | None = None,
+        n_objectives: int = 1,
+        storage: str | None = None,
+    ):
+        """Open (or create) the ledger of a run; without a space it is read-only. ``storage``:
+        any Optuna storage URL instead of ``RUN/study.db``; the study is then named
+        ``evomerge/<run directory name>``, so one database can hold many runs."""
         optuna.logging.set_verbosity(logging.WARNING)
-        self.url = f"sqlite:///{Path(run_dir).resolve() / 'study.db'}"
+        self.url = storage or f"sqlite:///{Path(run_dir).resolve() / 'study.db'}"
+        self.name = f"{STUDY}/{Path(run_dir).resolve().name}" if storage else STUDY
         if space is None:
-            self.study = optuna.load_study(study_name=STUDY, storage=self.url)
+            try:
+                self.study = optuna.load_study(study_name=self.name, storage=self.url)
+            except KeyError:
+                raise EvomergeError(f"{self.url}: holds no study {self.name!r}") from None
             return
         self.study = optuna.create_study(
-            study_name=STUDY,
+            study_name=self.name,
             storage=self.url,
             directions=["maximize"] * n_objectives,
             load_if_exists=True,

@@ -2,7 +2,9 @@
 
 Both pools take recipes with ``submit(key, recipe)`` while ``free`` > 0 and hand back one
 :class:`Outcome` per call to ``next()``, as soon as any candidate finishes, so the search
-gives a worker its next candidate the moment it reports (no generation barrier).
+gives a worker its next candidate the moment it reports (no generation barrier). Ray workers
+also hold ``prefetch`` candidates queued behind the one they run, so a worker never waits
+while the driver records a result and asks the optimizer for the next one.
 
 - :class:`LocalPool` (``workers.count: 0``): one :class:`Evaluator` in this process.
 - :class:`RayPool`: ``count`` Ray actors, each an :class:`Evaluator`. The source checkpoints
@@ -73,7 +75,6 @@ class Evaluator:
         end = time.perf_counter()
         merged = merged or end
         return result.objectives, {
-            "recipe": recipe.digest(),
             "merge_seconds": round(merged - start, 4),
             "fitness_seconds": round(end - merged, 4),
             "metrics": _json(result.metrics),
@@ -143,6 +144,7 @@ class _Task:
     key: int
     recipe: MergeRecipe
     slot: int
+    actor: object = None  # the actor it was sent to
     attempts: int = 1
 
 
@@ -180,7 +182,8 @@ class RayPool:
             raise EvomergeError(f"Ray workers could not start: {_cause(e)}") from None
         each = f"{cpus} CPU" + ("s" if cpus > 1 else "") + (f", {gpus:g} GPU" if gpus else "")
         log(f"{self.size} Ray workers ready ({each} each) in {time.perf_counter() - started:.1f} s")
-        self.idle = list(range(self.size))
+        self.depth = 1 + w.prefetch  # candidates on each worker: one running, the rest queued
+        self.load = [0] * self.size  # candidates on each worker now
         self.running: dict = {}  # ObjectRef -> _Task
 
     def _start_ray(self, w, cpus: int) -> None:
@@ -199,15 +202,24 @@ class RayPool:
         )
 
     def _check_resources(self, cpus: int, gpus: float) -> None:
-        free = self.ray.available_resources()
-        n = self.size
-        for what, each in (("CPU", cpus), ("GPU", gpus)):
-            if each and free.get(what, 0) < n * each - 1e-9:
+        """Enough free CPUs/GPUs for every worker, or a clear error (never a silent wait).
+        Resources of actors killed a moment ago come back asynchronously: wait a little."""
+        n, deadline = self.size, time.monotonic() + 30
+        while True:
+            free = self.ray.available_resources()
+            short = [(what, n * each) for what, each in (("CPU", cpus), ("GPU", gpus))
+                     if each and free.get(what, 0) < n * each - 1e-9]  # fmt: skip
+            if not short:
+                return
+            total = self.ray.cluster_resources()
+            if time.monotonic() > deadline or any(total.get(w, 0) < need - 1e-9 for w, need in short):
+                what, need = short[0]
                 self.close()
                 raise EvomergeError(
-                    f"workers.count: {n} workers need {n * each:g} {what}s but Ray has "
-                    f"{free.get(what, 0):g} free; lower workers.count or cpus_per_worker/gpus_per_worker"
+                    f"workers.count: {n} workers need {need:g} {what}s but Ray has {free.get(what, 0):g} "
+                    "free; lower workers.count or cpus_per_worker/gpus_per_worker"
                 )
+            time.sleep(0.2)
 
     def _share(self, models: list[str]) -> dict:
         """Each source checkpoint into the object store, once."""
@@ -230,13 +242,16 @@ class RayPool:
 
     @property
     def free(self) -> int:
-        return len(self.idle)
+        return self.size * self.depth - sum(self.load)
 
     def submit(self, key: int, recipe: MergeRecipe) -> None:
-        self._run(_Task(key, recipe, self.idle.pop(0)))
+        slot = min(range(self.size), key=self.load.__getitem__)  # the least loaded worker
+        self.load[slot] += 1
+        self._run(_Task(key, recipe, slot))
 
     def _run(self, task: _Task) -> None:
-        self.running[self.workers[task.slot].evaluate.remote(task.recipe)] = task
+        task.actor = self.workers[task.slot]
+        self.running[task.actor.evaluate.remote(task.recipe)] = task
 
     def next(self) -> Outcome:
         ray = self.ray
@@ -249,7 +264,8 @@ class RayPool:
                 error = f"worker raised {_cause(e)}"
                 objectives, attrs = None, {"error": error, "worker": f"ray-{task.slot}"}
             except ray.exceptions.RayError as e:  # the worker process died
-                self._replace(task.slot, e)
+                if task.actor is self.workers[task.slot]:  # (not replaced yet for another task of it)
+                    self._replace(task.slot, e)
                 if task.attempts <= self.config.workers.max_retries:
                     task.attempts += 1
                     self._run(task)
@@ -261,7 +277,7 @@ class RayPool:
                         "worker": f"ray-{task.slot}",
                     },
                 )
-            self.idle.append(task.slot)
+            self.load[task.slot] -= 1
             attrs["attempts"] = task.attempts
             return Outcome(task.key, objectives, attrs)
 

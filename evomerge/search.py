@@ -135,7 +135,7 @@ def search(
     from evomerge.pool import make_pool
 
     run_dir = config.output
-    if not resume and (run_dir / "study.db").exists():
+    if not resume and (run_dir / "optimizer.jsonl").exists():
         raise EvomergeError(f"{run_dir}: holds a search already; `evomerge resume {run_dir}` continues it")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "best").mkdir(exist_ok=True)
@@ -145,7 +145,7 @@ def search(
     name = config.optimizer.name or space.spec.optimizer or "cma"
     n_obj = len(config.fitness.tasks) if config.fitness.objectives == "separate" else 1
     with _Lock(run_dir):
-        ledger = Ledger(run_dir, space, n_obj)
+        ledger = Ledger(run_dir, space, n_obj, storage=config.storage)
         optimizer = make_optimizer(name, space, seed=config.optimizer.seed, n_objectives=n_obj,
                                    **config.optimizer.options)  # fmt: skip
         journal = Journal(run_dir / "optimizer.jsonl")
@@ -213,10 +213,11 @@ class _Run:
             outcome = self.pool.next()
             proposal, recipe, digest = self.in_flight.pop(outcome.key)
             self.busy += outcome.attrs.get("merge_seconds", 0) + outcome.attrs.get("fitness_seconds", 0)
-            self.seen.setdefault(digest, (outcome.objectives, outcome.attrs))
-            self._settle(proposal, recipe, outcome.objectives, outcome.attrs)
+            attrs = {"recipe": digest, **outcome.attrs}
+            self.seen.setdefault(digest, (outcome.objectives, attrs))
+            self._settle(proposal, recipe, outcome.objectives, attrs)
             for follower in self.followers.pop(digest, []):
-                self._settle(follower, recipe, outcome.objectives, {**outcome.attrs, "duplicate": True})
+                self._settle(follower, recipe, outcome.objectives, {**attrs, "duplicate": True})
 
     def _stop_reason(self) -> str | None:
         target = self.config.budget.target

@@ -14,7 +14,8 @@ EXAMPLE = Path(__file__).parent.parent / "examples" / "zoo-search.yaml"
 
 
 def config(tmp_path, **overrides):
-    base = {"output": str(tmp_path / "run"), "budget.max_evals": 12, "fitness.limit": 48}
+    """The demo config, in-process (these tests are about the loop; tests/test_pool.py runs Ray)."""
+    base = {"output": str(tmp_path / "run"), "budget.max_evals": 12, "fitness.limit": 48, "workers.count": 0}
     base.update(overrides)
     return SearchConfig.load(EXAMPLE, base)
 
@@ -106,7 +107,8 @@ def test_config_errors_name_the_key_and_suggest_the_closest(tmp_path):
 def test_search_cli_then_status(tmp_path):
     run = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "evomerge", "search", str(EXAMPLE), "--run-dir", str(run), "--max-evals", "4"],
+        [sys.executable, "-m", "evomerge", "search", str(EXAMPLE), "--run-dir", str(run), "--max-evals", "4",
+         "--workers", "0"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -157,6 +159,8 @@ def test_a_search_killed_with_sigkill_resumes_to_the_full_budget_without_losing_
         str(run),
         "--max-evals",
         "30",
+        "--workers",
+        "0",
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = run / "search.log"
@@ -175,6 +179,21 @@ def test_a_search_killed_with_sigkill_resumes_to_the_full_budget_without_losing_
     rows = trial_rows(run, cfg)
     assert len(rows) == 30
     straight = tmp_path / "straight"
-    done = subprocess.run([*argv[:6], str(straight), "--max-evals", "30"], capture_output=True, text=True)
+    done = subprocess.run([*argv[:6], str(straight), *argv[7:]], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert rows == trial_rows(straight, cfg)  # the same trials as a run that was never killed
+
+
+def test_the_ledger_can_live_in_any_optuna_storage(tmp_path):
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    cfg = config(tmp_path, **{"budget.max_evals": 2, "storage": url})
+    search(cfg, log=lambda _: None)
+    assert not (cfg.output / "study.db").exists()
+    assert len(Ledger(cfg.output, load_space(cfg), storage=url).trials()) == 2
+    status = CliRunner().invoke(app, ["status", str(cfg.output), "--json"])
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.output)["trials"] == 2
