@@ -29,7 +29,9 @@ import yaml
 RESULTS = Path(__file__).parent / "results"
 COPY_SCRIPT = """
 import sys
+from evomerge.allocator import keep_freed_memory
 from evomerge.checkpoint import CheckpointReader, CheckpointWriter
+keep_freed_memory()  # the same allocator setting as the evomerge command: a fair floor
 out, *inputs = sys.argv[1:]
 readers = [CheckpointReader(p) for p in inputs]
 first = readers[0]
@@ -214,6 +216,8 @@ and writes one output checkpoint, the same bytes a merge must move. GB/s = (inpu
 
 mergekit {_version("mergekit")}, evomerge {_version("evomerge")}, torch {torch.__version__},
 {platform.machine()} with {os.cpu_count()} CPUs, page cache warm (the copy floor runs first).
+evomerge and the copy floor keep freed memory in the heap (`evomerge/allocator.py`), which
+halves the cost of the large temporaries a merge allocates; mergekit runs as installed.
 Produced by `python benchmarks/merge_speed.py` on {date.today()}.
 """
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -457,6 +457,9 @@ def _demo_table(config, summary) -> None:
 
 
 def main() -> None:
+    from evomerge.allocator import keep_freed_memory
+
+    keep_freed_memory()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -124,8 +124,10 @@ class _RayWorker:
     def __init__(self, config: dict, sources: dict, sys_path: list[str], threads: int, name: str):
         import ray
 
+        from evomerge.allocator import keep_freed_memory
         from evomerge.checkpoint.memory import MemoryCheckpoint
 
+        keep_freed_memory()
         sys.path.extend(p for p in sys_path if p not in sys.path)  # the driver's modules (python fitness)
         torch.set_num_threads(threads)
         packed = ray.get(list(sources.values()))

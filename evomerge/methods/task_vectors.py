@@ -76,12 +76,17 @@ def combine(
     w = weights.reshape(-1, *([1] * b.dim()))
     deltas.mul_(w)
     if family.elect_sign:
-        # sign(d) == elected sign, with elected = + where the sum is >= 0; zeros never agree
-        agree = (deltas > 0) == (deltas.sum(dim=0) >= 0)
-        agree &= deltas != 0
-        mixed = torch.where(agree, deltas, 0).sum(dim=0)
-        if normalize:
-            divisor = (w * agree).sum(dim=0)
+        # sign(d) == elected sign, with elected = + where the sum is >= 0; zeros never agree.
+        # One model at a time: a few fused passes, no stacked boolean temporaries.
+        positive = deltas.sum(dim=0) >= 0
+        mixed = torch.zeros_like(b)
+        divisor = torch.zeros_like(b) if normalize else None
+        for i, d in enumerate(deltas):
+            agree = torch.where(positive, d > 0, d < 0)
+            mixed.add_(torch.where(agree, d, 0))
+            if divisor is not None:
+                divisor.add_(agree, alpha=float(per_model["weight"][i]))
+        if divisor is not None:
             divisor[divisor == 0] = 1
             mixed.div_(divisor)
     else:
