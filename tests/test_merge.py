@@ -219,3 +219,15 @@ def test_shipped_example_recipes_merge_and_mergekit_accepts_them(example, tmp_pa
     assert len(state) == 39
     mergekit_config = pytest.importorskip("mergekit.config")
     mergekit_config.MergeConfiguration.model_validate(yaml.safe_load(example.read_text()))
+
+
+def test_keeping_freed_memory_is_applied_on_glibc_and_idempotent():
+    import platform
+    import sys
+
+    from evomerge.allocator import keep_freed_memory
+
+    applied = keep_freed_memory()
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert applied is True
+    assert keep_freed_memory() is applied
