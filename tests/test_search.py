@@ -93,12 +93,12 @@ def test_a_second_search_on_the_same_run_directory_is_refused(tmp_path):
 
 def test_config_errors_name_the_key_and_suggest_the_closest(tmp_path):
     bad = tmp_path / "c.yaml"
-    bad.write_text(EXAMPLE.read_text().replace("budget: {max_evals: 150}", "budget: {max_eval: 150}"))
+    bad.write_text(EXAMPLE.read_text().replace("budget: {max_evals: 300}", "budget: {max_eval: 300}"))
     with pytest.raises(
         EvomergeError, match=r"c.yaml: budget.max_eval: unknown key; did you mean 'max_evals'\?"
     ):
         SearchConfig.load(bad)
-    bad.write_text(EXAMPLE.read_text().replace("budget: {max_evals: 150}", "budget: {time_limit: soon}"))
+    bad.write_text(EXAMPLE.read_text().replace("budget: {max_evals: 300}", "budget: {time_limit: soon}"))
     with pytest.raises(EvomergeError, match="budget.time_limit: cannot read duration 'soon'"):
         SearchConfig.load(bad)
 
