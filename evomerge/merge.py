@@ -15,6 +15,7 @@ output tensor in flight (plus one shard of output in the checkpoint writer).
 from __future__ import annotations
 
 import hashlib
+from collections import ChainMap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +23,11 @@ from typing import Protocol
 
 import torch
 
-from evomerge.checkpoint import Block, CheckpointReader, CheckpointWriter, locate, with_layer
+from evomerge.checkpoint import Block, CheckpointReader, CheckpointWriter, TensorInfo, locate, with_layer
 from evomerge.errors import EvomergeError
 from evomerge.methods import BasePolicy, get_method
 from evomerge.methods.registry import MergeMethod
-from evomerge.recipe import MergeRecipe, Parameters, resolve_all
+from evomerge.recipe import MergeRecipe, Parameters, Recipe, StagedRecipe, load_recipe, resolve_all
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -87,14 +88,23 @@ def _depth(index: int, count: int) -> float:
 
 
 def plan_merge(
-    recipe: MergeRecipe,
+    recipe: Recipe,
     *,
     relative_to: str | Path | None = None,
     readers: dict[str, CheckpointReader] | None = None,
 ) -> MergePlan:
     """Resolve a recipe against its checkpoints; raises before any tensor is read. Pass a
     ``readers`` dict to keep checkpoints open across many plans (a search plans one per
-    candidate over the same models): it is filled on first use and reused after."""
+    candidate over the same models): it is filled on first use and reused after. A staged
+    recipe plans each stage, then its final recipe over the stages (:class:`StageReader`)."""
+    if isinstance(recipe, StagedRecipe):
+        cache = readers if readers is not None else {}
+        stages: dict[str, StageReader] = {}
+        for name, stage in recipe.stages.items():  # new readers go to cache, stages stay apart
+            stages[name] = StageReader(
+                plan_merge(stage, relative_to=relative_to, readers=ChainMap(cache, stages))
+            )
+        return plan_merge(recipe.final, relative_to=relative_to, readers=ChainMap(cache, stages))
     method = get_method(recipe.merge_method)
     readers = _open_models(recipe, Path(relative_to) if relative_to else None, readers)
     jobs: list[TensorJob] = []
@@ -243,30 +253,70 @@ def execute(
 ) -> None:
     """Merge every tensor of the plan and pass it to ``sink(name, tensor)``."""
     device = torch.device(device)
+    for i, job in enumerate(plan.jobs):
+        sink(job.out_name, merge_job(plan, job, device))
+        if progress:
+            progress(i + 1, len(plan.jobs))
+
+
+def merge_job(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Tensor:
+    """One output tensor of the plan, computed on ``device``."""
     recipe = plan.recipe
     compute = TORCH_DTYPES.get(recipe.dtype) if recipe.dtype else None
     out_dtype = TORCH_DTYPES.get(recipe.out_dtype or recipe.dtype or "") or None
-    fn = plan.method.fn
-    for i, job in enumerate(plan.jobs):
 
-        def load(ref, job=job):
-            model, name = ref
-            x = plan.readers[model].get(name).to(device, non_blocking=True)
-            return x.to(compute) if compute is not None and x.is_floating_point() else x
+    def load(ref):
+        model, name = ref
+        reader = plan.readers[model]
+        if isinstance(reader, StageReader):
+            reader.device = device
+        x = reader.get(name).to(device, non_blocking=True)
+        return x.to(compute) if compute is not None and x.is_floating_point() else x
 
-        base = load(job.base) if job.base else None
-        tensors = [load(ref) for ref in job.sources]
-        original = (base if base is not None else tensors[0]).dtype
-        generator = None
-        if plan.method.stochastic:
-            generator = torch.Generator(device=device).manual_seed(
-                tensor_seed(recipe.evomerge.seed, job.out_name)
-            )
-        with torch.no_grad():
-            merged = fn(base, tensors, job.per_model, job.shared, generator)
-        sink(job.out_name, merged.to(out_dtype or original))
-        if progress:
-            progress(i + 1, len(plan.jobs))
+    base = load(job.base) if job.base else None
+    tensors = [load(ref) for ref in job.sources]
+    original = (base if base is not None else tensors[0]).dtype
+    generator = None
+    if plan.method.stochastic:
+        generator = torch.Generator(device=device).manual_seed(
+            tensor_seed(recipe.evomerge.seed, job.out_name)
+        )
+    with torch.no_grad():
+        merged = plan.method.fn(base, tensors, job.per_model, job.shared, generator)
+    return merged.to(out_dtype or original)
+
+
+class StageReader:
+    """A stage of a staged recipe seen as a checkpoint: names, shapes and dtypes from its plan,
+    and each tensor merged when it is asked for (nothing of the stage is ever stored)."""
+
+    def __init__(self, plan: MergePlan):
+        self.plan = plan
+        self.path = plan.metadata_source  # config and tokenizer files come from there
+        self.config = plan.readers[plan.recipe.base_model or plan.recipe.model_names()[0]].config
+        self.num_layers = plan.num_layers
+        self.device = torch.device("cpu")
+        self._jobs = {job.out_name: job for job in plan.jobs}
+        self._infos = {n: TensorInfo(n, shape, dtype, "") for n, shape, dtype in output_layout(plan)}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise EvomergeError(f"stage merged from {self.path}: no tensor named {name!r}") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        return merge_job(self.plan, self._jobs[name], self.device)
 
 
 def output_layout(plan: MergePlan) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -282,14 +332,14 @@ def output_layout(plan: MergePlan) -> list[tuple[str, tuple[int, ...], torch.dty
     return layout
 
 
-def _recipe(recipe: MergeRecipe | str | Path) -> tuple[MergeRecipe, Path | None]:
-    if isinstance(recipe, MergeRecipe):
+def _recipe(recipe: Recipe | str | Path) -> tuple[Recipe, Path | None]:
+    if isinstance(recipe, (MergeRecipe, StagedRecipe)):
         return recipe, None
-    return MergeRecipe.load(recipe), Path(recipe).resolve().parent
+    return load_recipe(recipe), Path(recipe).resolve().parent
 
 
 def merge(
-    recipe: MergeRecipe | str | Path,
+    recipe: Recipe | str | Path,
     out_dir: str | Path,
     *,
     device: str = "cpu",
@@ -304,8 +354,9 @@ def merge(
     recipe, folder = _recipe(recipe)
     folder = Path(relative_to) if relative_to else folder
     plan = plan_merge(recipe, relative_to=folder)
-    updates = {"dtype": recipe.out_dtype or recipe.dtype} if (recipe.out_dtype or recipe.dtype) else {}
-    if plan.num_layers and "num_hidden_layers" in plan.readers[recipe.model_names()[0]].config:
+    top = plan.recipe  # the final recipe of a staged one
+    updates = {"dtype": top.out_dtype or top.dtype} if (top.out_dtype or top.dtype) else {}
+    if plan.num_layers and "num_hidden_layers" in plan.readers[top.model_names()[0]].config:
         updates["num_hidden_layers"] = plan.num_layers
     kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
     kwargs["layout"] = output_layout(plan)
@@ -321,7 +372,7 @@ def merge(
     return Path(out_dir)
 
 
-def merge_to_state_dict(recipe: MergeRecipe | str | Path, *, device: str = "cpu") -> dict[str, torch.Tensor]:
+def merge_to_state_dict(recipe: Recipe | str | Path, *, device: str = "cpu") -> dict[str, torch.Tensor]:
     recipe, folder = _recipe(recipe)
     out: dict[str, torch.Tensor] = {}
     execute(plan_merge(recipe, relative_to=folder), out.__setitem__, device=device)
@@ -348,7 +399,7 @@ class ModelSink:
 
 
 def merge_into_model(
-    recipe: MergeRecipe | str | Path,
+    recipe: Recipe | str | Path,
     model: torch.nn.Module,
     *,
     readers: dict[str, CheckpointReader] | None = None,

@@ -20,11 +20,18 @@ scalar, a *gradient* (a list interpolated across the layers of a slice), or a li
 
 Lookup order for a parameter (first hit wins, as in mergekit): the model's own entry in the
 slice, the slice's ``parameters``, the top-level ``parameters``, then the method default.
+
+A file may also hold several YAML documents, as ``mergekit-multi`` runs them
+(:class:`StagedRecipe`): named stages, then one unnamed final recipe, where a stage's name
+used as a model means that stage's output. A search that picks a different merge method per
+layer group writes one: a stage per method, then a passthrough that takes each group's
+layers from its method's stage.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -150,14 +157,11 @@ class MergeRecipe(BaseModel):
 
     def save(self, path: str | Path) -> None:
         """Write atomically (a temporary file renamed into place)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_yaml())
-        tmp.replace(path)
+        _write_atomically(Path(path), self.to_yaml())
 
     def digest(self) -> str:
         """A stable hash of what the recipe means (equal recipes, equal digests)."""
-        return hashlib.sha256(yaml.safe_dump(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return _digest([self.to_dict()])
 
     # -- structure -----------------------------------------------------------------------
 
@@ -170,6 +174,96 @@ class MergeRecipe(BaseModel):
             names += [s.base_model] if s.base_model else []
             names += [src.model for src in s.sources]
         return list(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class StagedRecipe:
+    """Named stages and a final recipe over them: ``mergekit-multi``'s multi-document YAML.
+    A stage may use earlier stages as models; the final recipe uses stages and/or models."""
+
+    stages: dict[str, MergeRecipe]
+    final: MergeRecipe
+
+    @property
+    def evomerge(self) -> Provenance:
+        return self.final.evomerge
+
+    def documents(self) -> list[dict]:
+        return [{"name": n, **r.to_dict()} for n, r in self.stages.items()] + [self.final.to_dict()]
+
+    def to_yaml(self) -> str:
+        return "---\n".join(yaml.dump(d, Dumper=_RecipeDumper, sort_keys=False) for d in self.documents())
+
+    def save(self, path: str | Path) -> None:
+        _write_atomically(Path(path), self.to_yaml())
+
+    def digest(self) -> str:
+        return _digest(self.documents())
+
+    def model_names(self) -> list[str]:
+        """The checkpoints it reads (stage names excluded), in order of first mention."""
+        names = [n for r in [*self.stages.values(), self.final] for n in r.model_names()]
+        return [n for n in dict.fromkeys(names) if n not in self.stages]
+
+
+Recipe = Union[MergeRecipe, StagedRecipe]  # noqa: UP007
+
+
+def parse_recipe(documents: list, where: str = "recipe") -> Recipe:
+    """One recipe, or named stages followed by one unnamed final recipe."""
+    if len(documents) == 1:
+        return MergeRecipe.parse(documents[0], where)
+    stages: dict[str, MergeRecipe] = {}
+    final = None
+    for i, doc in enumerate(documents):
+        here = f"{where} (document {i + 1})"
+        if not isinstance(doc, dict):
+            raise EvomergeError(f"{here}: a recipe must be a mapping with merge_method, models or slices")
+        doc = dict(doc)
+        name = doc.pop("name", None)
+        if final is not None:
+            raise EvomergeError(f"{here}: only the last document may be unnamed (the final merge)")
+        if name is None:
+            final = MergeRecipe.parse(doc, here)
+            continue
+        if name in stages:
+            raise EvomergeError(f"{here}: stage name {name!r} is used twice")
+        stages[name] = MergeRecipe.parse(doc, here)
+        later = [m for m in stages[name].model_names() if m not in stages and m in _names(documents[i + 1 :])]
+        if later:
+            raise EvomergeError(f"{here}: stage {name!r} uses stage {later[0]!r}, which comes after it")
+    if final is None:
+        raise EvomergeError(f"{where}: several documents but no unnamed final merge")
+    return StagedRecipe(stages, final)
+
+
+def _names(documents: list) -> set:
+    return {d.get("name") for d in documents if isinstance(d, dict) and d.get("name")}
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """A recipe file: one document, or mergekit-multi's several (see :class:`StagedRecipe`)."""
+    path = Path(path)
+    try:
+        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except OSError as e:
+        raise EvomergeError(f"{path}: cannot read recipe ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise EvomergeError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not documents:
+        raise EvomergeError(f"{path}: the recipe is empty")
+    return parse_recipe(documents, str(path))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _digest(documents: list[dict]) -> str:
+    text = "---\n".join(yaml.safe_dump(d, sort_keys=True) for d in documents)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class _RecipeDumper(yaml.SafeDumper):

@@ -151,3 +151,63 @@ def test_every_recipe_evomerge_writes_is_accepted_by_mergekit_unchanged(quick_zo
     data = yaml.safe_load(written.to_yaml())
     assert data["evomerge"]["seed"] == 3
     MergeConfiguration.model_validate(data)  # raises if mergekit rejects it
+
+
+def test_a_staged_recipe_merges_to_the_same_tensors_as_mergekit_multi(quick_zoo, tmp_path):
+    """Per-layer-group methods: a stage per method, then a passthrough taking each group's
+    layers from its stage (embeddings from the first slice's stage, head from the last's)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from evomerge.recipe import StagedRecipe, load_recipe
+
+    base, add, rev = (str(quick_zoo.model(n)) for n in ["base", "add", "rev"])
+    experts = [{"model": add, "parameters": {"weight": [0.9, 0.4], "density": 0.5}},
+               {"model": rev, "parameters": {"weight": 0.7, "density": [0.3, 0.8]}}]  # fmt: skip
+    text = yaml.safe_dump_all(
+        [
+            {"name": "stage_ties", "merge_method": "ties", "base_model": base, "models": experts},
+            {"name": "stage_ta", "merge_method": "task_arithmetic", "base_model": base,
+             "models": [{"model": m["model"], "parameters": {"weight": m["parameters"]["weight"]}} for m in experts]},
+            {"merge_method": "passthrough", "slices": [
+                {"sources": [{"model": "stage_ta", "layer_range": [0, 1]}]},
+                {"sources": [{"model": "stage_ties", "layer_range": [1, 2]}]},
+            ]},
+        ],
+        sort_keys=False,
+    )  # fmt: skip
+    path = tmp_path / "staged.yaml"
+    path.write_text(text)
+    recipe = load_recipe(path)
+    assert isinstance(recipe, StagedRecipe) and recipe.model_names() == [base, add, rev]
+    assert load_recipe_roundtrip(recipe, tmp_path) == recipe.digest()
+    mk = Path(sys.executable).parent / "mergekit-multi"
+    done = subprocess.run(
+        [str(mk), str(path), "--intermediate-dir", str(tmp_path / "stages"), "--out-path", str(tmp_path / "mk"),
+         "--no-copy-tokenizer"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = load_state(tmp_path / "mk")
+    ours = merge_to_state_dict(recipe)
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        assert torch.allclose(ours[name], theirs[name], atol=ATOL), name
+    ta_only = merge_to_state_dict(recipe.stages["stage_ta"])
+    ties_only = merge_to_state_dict(recipe.stages["stage_ties"])
+    assert torch.equal(ours["model.embed_tokens.weight"], ta_only["model.embed_tokens.weight"])
+    assert torch.equal(ours["lm_head.weight"], ties_only["lm_head.weight"])
+    assert torch.equal(
+        ours["model.layers.0.mlp.up_proj.weight"], ta_only["model.layers.0.mlp.up_proj.weight"]
+    )
+    assert torch.equal(
+        ours["model.layers.1.mlp.up_proj.weight"], ties_only["model.layers.1.mlp.up_proj.weight"]
+    )
+
+
+def load_recipe_roundtrip(recipe, tmp_path):
+    from evomerge.recipe import load_recipe
+
+    recipe.save(tmp_path / "again.yaml")
+    return load_recipe(tmp_path / "again.yaml").digest()
