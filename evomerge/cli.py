@@ -148,17 +148,21 @@ def merge(
     The output loads with transformers' AutoModelForCausalLM and AutoTokenizer. It is written
     to a temporary directory and renamed into place, so OUT_DIR is complete or absent.
     """
+    import dataclasses
+
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from evomerge.merge import merge as run_merge
-    from evomerge.recipe import MergeRecipe
+    from evomerge.recipe import MergeRecipe, StagedRecipe, load_recipe
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EvomergeError(f"--device {device}: no CUDA device is available here")
-    parsed = MergeRecipe.load(recipe)
+    parsed = load_recipe(recipe)
     if dtype is not None:
-        parsed = MergeRecipe.parse({**parsed.to_dict(), "out_dtype": dtype}, where="--dtype")
+        top = parsed.final if isinstance(parsed, StagedRecipe) else parsed
+        top = MergeRecipe.parse({**top.to_dict(), "out_dtype": dtype}, where="--dtype")
+        parsed = dataclasses.replace(parsed, final=top) if isinstance(parsed, StagedRecipe) else top
     columns = [TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task("merge", total=None)
@@ -422,7 +426,7 @@ def _demo_table(config, summary) -> None:
 
     from evomerge.fitness import Fitness, FitnessSpec
     from evomerge.merge import merge_into_model
-    from evomerge.recipe import MergeRecipe
+    from evomerge.recipe import MergeRecipe, load_recipe
 
     base = config.models.base
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
@@ -441,7 +445,7 @@ def _demo_table(config, summary) -> None:
         rows.append((f"expert {name}", fitness()))
     merge_into_model(untuned, model)
     rows.append(("untuned task arithmetic (all weights 1)", fitness()))
-    merge_into_model(MergeRecipe.load(summary.best_recipe), model)
+    merge_into_model(load_recipe(summary.best_recipe), model)
     rows.append((f"best of {summary.trials} searched merges", fitness()))
     table = Table(title="held-out accuracy (the search never saw these examples)", box=box.SIMPLE_HEAD)
     table.add_column("model", no_wrap=True)

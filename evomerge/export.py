@@ -15,6 +15,7 @@ import torch
 
 from evomerge.config import SearchConfig
 from evomerge.ledger import Ledger
+from evomerge.recipe import StagedRecipe
 from evomerge.search import load_space
 
 
@@ -73,6 +74,18 @@ def _values(result, config) -> dict[str, float]:
     return {t.label: result.metrics[t.label][t.metric_key] for t in config.heldout}
 
 
+def _method_text(recipe) -> str:
+    if not isinstance(recipe, StagedRecipe):
+        return f"`{recipe.merge_method}`"
+    parts = []
+    for sl in recipe.final.slices or []:
+        src = sl.sources[0]
+        stage = recipe.stages.get(src.model)
+        method = stage.merge_method if stage else src.model
+        parts.append(f"layers {src.layer_range[0]}-{src.layer_range[1] - 1}: `{method}`")
+    return "a method per layer group (" + "; ".join(parts) + ")"
+
+
 def _model_card(target: Path, config, trial, recipe, scores, n_trials: int) -> None:
     lines = [
         "---",
@@ -83,7 +96,7 @@ def _model_card(target: Path, config, trial, recipe, scores, n_trials: int) -> N
         f"Base: `{config.models.base}`. Experts: "
         + ", ".join(f"`{n}` ({p})" for n, p in config.models.experts.items())
         + ".",
-        f"Method: `{recipe.merge_method}`; found by `{config.optimizer.name}` (seed {config.optimizer.seed}) "
+        f"Method: {_method_text(recipe)}; found by `{config.optimizer.name}` (seed {config.optimizer.seed}) "
         f"on {date.today()}; fitness (search split) {trial.values[0]:.4f}.",
         "",
         "Per-task fitness metrics: `" + json.dumps(json.loads(trial.user_attrs.get("metrics", "{}"))) + "`",
@@ -97,7 +110,15 @@ def _model_card(target: Path, config, trial, recipe, scores, n_trials: int) -> N
             f"| {name} | " + " | ".join(f"{v[t]:.4f}" for t in tasks) + " |" for name, v in scores.items()
         ]
         lines.append("")
-    lines += ["## Recipe (mergekit-compatible)", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    runs_with = "`mergekit-multi`" if isinstance(recipe, StagedRecipe) else "`mergekit-yaml`"
+    lines += [
+        f"## Recipe (runs in {runs_with} as it is)",
+        "",
+        "```yaml",
+        recipe.to_yaml().rstrip(),
+        "```",
+        "",
+    ]
     (target / "README.md").write_text("\n".join(lines))
 
 

@@ -35,7 +35,7 @@ from evomerge.checkpoint import Block, CheckpointReader, locate
 from evomerge.errors import EvomergeError
 from evomerge.methods import get_method
 from evomerge.methods.registry import Scope
-from evomerge.recipe import MergeRecipe
+from evomerge.recipe import MergeRecipe, Recipe, StagedRecipe
 from evomerge.validation import read_yaml, validate
 
 SCOPES = ("group", "model", "block")
@@ -85,6 +85,7 @@ class ParamSpace(BaseModel):
 class SpaceSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     merge_method: str | list[str]
+    method_scope: Literal["global", "group"] = "global"  # group: a method choice per layer group
     layer_granularity: int = Field(1, gt=0)
     smooth: bool = False
     parameters: dict[str, ParamSpace] = Field(default_factory=dict)
@@ -100,6 +101,8 @@ class SpaceSpec(BaseModel):
             for name in [*self.parameters, *self.fixed]:
                 if name not in known and len(methods) == 1:
                     raise ValueError(f"parameter {name!r} is not one of {m}'s: {', '.join(sorted(known))}")
+        if self.method_scope == "group" and len(methods) < 2:
+            raise ValueError("method_scope: group needs a list of at least two methods in merge_method")
         if len(methods) > 1:
             every = set().union(*({p.name for p in get_method(m).params} for m in methods))
             for name in [*self.parameters, *self.fixed]:
@@ -160,7 +163,11 @@ class SearchSpace:
     def _make_genes(self) -> list[Gene]:
         genes = []
         if len(self.spec.methods) > 1:
-            genes.append(Gene("merge_method", None, choices=tuple(self.spec.methods)))
+            choices = tuple(self.spec.methods)
+            if self.spec.method_scope == "group":
+                genes += [Gene(f"{g}.merge_method", None, g, choices=choices) for g in self.groups]
+            else:
+                genes.append(Gene("merge_method", None, choices=choices))
         for param, ps in self.spec.parameters.items():
             scope = [] if ps.scope == "global" else ps.scope
             groups = ["embed", *self.groups, "head"] if "group" in scope else [None]
@@ -208,11 +215,37 @@ class SearchSpace:
 
     # -- decoding -------------------------------------------------------------------------------
 
-    def decode(self, genome: Genome, seed: int = 0) -> MergeRecipe:
+    def decode(self, genome: Genome, seed: int = 0) -> Recipe:
+        """The recipe a genome stands for. With a method per layer group, a staged recipe (as
+        mergekit-multi runs it) when the groups chose different methods: one stage per method
+        over the whole model, then a passthrough taking each run of groups from its method's
+        stage; the embeddings follow the first group's method, the final norm and head the
+        last group's (where mergekit takes them from in slices). One method for all: one recipe."""
         missing = [g.name for g in self.genes if g.name not in genome]
         if missing:
             raise EvomergeError(f"genome lacks gene {missing[0]!r}")
-        method = genome.get("merge_method", self.spec.methods[0])
+        if self.spec.method_scope != "group":
+            return self._decode_method(genome, genome.get("merge_method", self.spec.methods[0]), seed)
+        chosen = [genome[f"{g}.merge_method"] for g in self.groups]
+        if len(set(chosen)) == 1:
+            return self._decode_method(genome, chosen[0], seed)
+        stages = {f"stage_{m}": self._decode_method(genome, m, seed) for m in dict.fromkeys(chosen)}
+        runs: list[list] = []  # [method, first layer, end layer]
+        g = self.spec.layer_granularity
+        for i, method in enumerate(chosen):
+            end = min((i + 1) * g, self.num_layers)
+            if runs and runs[-1][0] == method:
+                runs[-1][2] = end
+            else:
+                runs.append([method, i * g, end])
+        final = {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [{"model": f"stage_{m}", "layer_range": [a, b]}]} for m, a, b in runs],
+            "evomerge": {"seed": seed},
+        }
+        return StagedRecipe(stages, MergeRecipe.parse(final, where=self.where))
+
+    def _decode_method(self, genome: Genome, method: str, seed: int) -> MergeRecipe:
         mparams = {p.name: p for p in get_method(method).params}
         values: dict[tuple, float] = {}
         for g in self.genes:

@@ -197,3 +197,28 @@ def test_the_ledger_can_live_in_any_optuna_storage(tmp_path):
     status = CliRunner().invoke(app, ["status", str(cfg.output), "--json"])
     assert status.exit_code == 0, status.output
     assert json.loads(status.output)["trials"] == 2
+
+
+@pytest.mark.slow
+def test_a_search_with_a_method_per_layer_group_exports_a_staged_recipe_that_reproduces(tmp_path):
+    import torch
+
+    from evomerge.checkpoint import CheckpointReader
+    from evomerge.export import export
+    from evomerge.merge import merge_to_state_dict
+    from evomerge.recipe import StagedRecipe, load_recipe
+
+    space = Path(__file__).parent.parent / "search_spaces" / "method_choice.yaml"
+    cfg = config(tmp_path, **{"space": str(space), "optimizer.name": "random", "budget.max_evals": 6})
+    summary = search(cfg, log=lambda _: None)
+    assert summary.trials == 6 and summary.failures == 0
+    decoded = [load_space(cfg).decode(t.params, seed=0) for t in Ledger(cfg.output, load_space(cfg)).trials()]
+    assert any(isinstance(r, StagedRecipe) for r in decoded)  # random methods per group: mixed
+    [best] = export(cfg.output, log=lambda _: None)
+    recipe = load_recipe(best / "recipe.yaml")
+    again = merge_to_state_dict(best / "recipe.yaml")
+    reader = CheckpointReader(best / "model")
+    assert sorted(again) == sorted(reader.names)
+    assert all(torch.equal(reader.get(n), t) for n, t in again.items())
+    card = (best / "README.md").read_text()
+    assert ("mergekit-multi" in card) == isinstance(recipe, StagedRecipe)

@@ -7,7 +7,7 @@ import yaml
 
 from evomerge.errors import EvomergeError
 from evomerge.merge import merge_to_state_dict
-from evomerge.recipe import MergeRecipe
+from evomerge.recipe import MergeRecipe, StagedRecipe, parse_recipe
 from evomerge.space import SearchSpace, SpaceSpec
 from evomerge.zoo.table import load_state
 
@@ -96,7 +96,41 @@ def test_every_shipped_space_decodes_to_a_recipe_both_engines_accept(path, zoo):
     for genome in [space.initial(), space.random(random.Random(1))]:
         recipe = space.decode(genome, seed=3)
         assert len(merge_to_state_dict(recipe)) == 39
-        again = MergeRecipe.parse(yaml.safe_load(recipe.to_yaml()))
-        assert again == recipe
+        documents = list(yaml.safe_load_all(recipe.to_yaml()))
+        assert parse_recipe(documents) == recipe
         mergekit_config = pytest.importorskip("mergekit.config")
-        mergekit_config.MergeConfiguration.model_validate(yaml.safe_load(recipe.to_yaml()))
+        for doc in documents:  # a staged recipe: mergekit-multi's documents, each a mergekit config
+            doc.pop("name", None)
+            mergekit_config.MergeConfiguration.model_validate(doc)
+
+
+def test_a_method_per_layer_group_decodes_to_stages_and_a_passthrough(zoo):
+    spec = SpaceSpec(
+        merge_method=["task_arithmetic", "ties"],
+        method_scope="group",
+        layer_granularity=1,
+        parameters={"weight": {"low": 0, "high": 1, "scope": ["model"]}, "density": {"low": 0, "high": 1}},
+    )
+    space = SearchSpace(spec, zoo.model("base"), {"add": zoo.model("add"), "rev": zoo.model("rev")})
+    names = [g.name for g in space.genes if g.categorical]
+    assert names == ["layers_00_00.merge_method", "layers_01_01.merge_method", "layers_02_02.merge_method",
+                     "layers_03_03.merge_method"]  # fmt: skip
+    genome = {**space.initial(), "expert_add.weight": 0.8, "expert_rev.weight": 0.6, "density": 0.5}
+    assert isinstance(space.decode(genome), MergeRecipe)  # one method everywhere: one plain recipe
+    genome.update({"layers_01_01.merge_method": "ties", "layers_02_02.merge_method": "ties"})
+    staged = space.decode(genome)
+    assert isinstance(staged, StagedRecipe) and list(staged.stages) == ["stage_task_arithmetic", "stage_ties"]
+    assert "density" not in str(staged.stages["stage_task_arithmetic"].to_dict())  # only where it applies
+    slices = [(s.sources[0].model, tuple(s.sources[0].layer_range)) for s in staged.final.slices]
+    assert slices == [
+        ("stage_task_arithmetic", (0, 1)),
+        ("stage_ties", (1, 3)),
+        ("stage_task_arithmetic", (3, 4)),
+    ]
+    merged = merge_to_state_dict(staged)
+    ta = merge_to_state_dict(space.decode({**genome, **{g: "task_arithmetic" for g in names}}))
+    ties = merge_to_state_dict(space.decode({**genome, **{g: "ties" for g in names}}))
+    for name, tensor in merged.items():
+        layer = name.split(".")[2] if name.startswith("model.layers.") else None
+        expected = ties if layer in ("1", "2") else ta  # embeddings: first group; head: last group
+        assert torch.equal(tensor, expected[name]), name
