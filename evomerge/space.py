@@ -90,11 +90,23 @@ class SpaceSpec(BaseModel):
     smooth: bool = False
     parameters: dict[str, ParamSpace] = Field(default_factory=dict)
     fixed: dict[str, float | bool | int | str] = Field(default_factory=dict)
+    normalize: bool | None = None  # shorthand for fixed: {normalize: ...}
+    allow_negative_weights: bool = False  # let `weight` bounds go below 0 (subtracting a task vector)
     dtype: str | None = None
     optimizer: str | None = None  # the recommended default, chosen in benchmarks/optimizer_efficiency.py
 
     @model_validator(mode="after")
     def _check(self):
+        if self.normalize is not None:
+            if self.fixed.get("normalize", self.normalize) != self.normalize:
+                raise ValueError("normalize and fixed.normalize disagree")
+            self.fixed["normalize"] = self.normalize
+        weight = self.parameters.get("weight")
+        if weight is not None and weight.low < 0 and not self.allow_negative_weights:
+            raise ValueError(
+                f"parameters.weight.low is {weight.low}; set allow_negative_weights: true to search "
+                "negative weights"
+            )
         methods = self.methods
         for m in methods:
             known = {p.name for p in get_method(m).params}

@@ -66,6 +66,7 @@ def test_bounds_and_log_scale_are_respected():
     spec = SpaceSpec(
         merge_method="ties",
         parameters={"density": {"low": 0.01, "high": 1.0, "scale": "log"}, "weight": {"low": -1, "high": 1}},
+        allow_negative_weights=True,
     )
     d, w = spec.parameters["density"], spec.parameters["weight"]
     assert d.decode(0.0) == pytest.approx(0.01) and d.decode(1.0) == pytest.approx(1.0)
@@ -134,3 +135,15 @@ def test_a_method_per_layer_group_decodes_to_stages_and_a_passthrough(zoo):
         layer = name.split(".")[2] if name.startswith("model.layers.") else None
         expected = ties if layer in ("1", "2") else ta  # embeddings: first group; head: last group
         assert torch.equal(tensor, expected[name]), name
+
+
+def test_negative_weights_need_to_be_allowed_and_normalize_is_a_shorthand(zoo):
+    from pydantic import ValidationError
+
+    params = {"weight": {"low": -0.5, "high": 1.0}}
+    with pytest.raises(ValidationError, match="set allow_negative_weights: true"):
+        SpaceSpec(merge_method="task_arithmetic", parameters=params)
+    spec = SpaceSpec(merge_method="ties", parameters=params, allow_negative_weights=True, normalize=False)
+    space = SearchSpace(spec, zoo.model("base"), {"add": zoo.model("add")})
+    recipe = space.decode({"weight": 0.0})
+    assert recipe.models[0].parameters["weight"] == -0.5 and recipe.parameters["normalize"] is False
