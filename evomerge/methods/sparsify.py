@@ -9,6 +9,7 @@ keep probability depends on each entry's rank within its row.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _SAMPLE = 65536  # entries sampled to bracket the threshold
@@ -87,7 +88,18 @@ def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator 
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     # uniform < p is a Bernoulli(p) draw, and ~2.5x faster than torch.bernoulli on CPU
-    return torch.rand(delta.shape, generator=generator, device=delta.device) < density
+    return uniform(delta.shape, generator, delta.device) < density
+
+
+def uniform(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Uniform [0, 1) float32 draws, reproducible from ``generator``. On CPU they come from
+    NumPy's PCG64 seeded by one draw of ``generator`` (so each call gets its own stream):
+    ~2.5x faster than torch's CPU generator, which made DARE's masks most of its merge time."""
+    if torch.device(device).type != "cpu":
+        return torch.rand(shape, generator=generator, device=device)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    draws = np.random.default_rng(seed).random(int(np.prod(shape, dtype=np.int64)), dtype=np.float32)
+    return torch.from_numpy(draws).reshape(shape)
 
 
 def della_mask(
@@ -104,7 +116,7 @@ def della_mask(
     ranks.scatter_(1, order, torch.arange(width, device=delta.device).expand_as(order))
     position = ranks.float() / max(1, width - 1)
     probs = (density - epsilon) + position * (2 * epsilon)
-    draw = torch.rand(probs.shape, generator=generator, device=delta.device)
+    draw = uniform(probs.shape, generator, delta.device)
     return (draw < probs).reshape(delta.shape)
 
 
