@@ -12,15 +12,18 @@ COLLINEAR = 0.9995  # |cos| above this: the arc is a line, interpolate linearly
 def slerp_vectors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Spherical interpolation of two flattened vectors; the angle comes from the normalized
     copies, the result is built from the originals (so norms interpolate too)."""
+    # cos = <a/|a|, b/|b|> from one dot product, without normalized copies: merges are
+    # memory-bound, and each full-size temporary costs a pass
     na, nb = a.norm(), b.norm()
-    ua = a / na if na > 1e-8 else a
-    ub = b / nb if nb > 1e-8 else b
-    cos = (ua * ub).sum().clamp(-1, 1)
+    dot = torch.dot(a, b) if a.dim() == 1 else (a * b).sum()
+    cos = (dot / ((na if na > 1e-8 else 1.0) * (nb if nb > 1e-8 else 1.0))).clamp(-1, 1)
     if cos.abs() > COLLINEAR:
-        return (1 - t) * a + t * b
-    theta = torch.acos(cos)
-    s = torch.sin(theta)
-    return (torch.sin((1 - t) * theta) / s) * a + (torch.sin(t * theta) / s) * b
+        c0, c1 = 1 - t, t
+    else:
+        theta = torch.acos(cos)
+        s = torch.sin(theta)
+        c0, c1 = float(torch.sin((1 - t) * theta) / s), float(torch.sin(t * theta) / s)
+    return (a * c0).add_(b, alpha=c1)
 
 
 def _slerp(base, tensors, per_model, params, generator):
