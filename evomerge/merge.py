@@ -23,7 +23,15 @@ from typing import Protocol
 
 import torch
 
-from evomerge.checkpoint import Block, CheckpointReader, CheckpointWriter, TensorInfo, locate, with_layer
+from evomerge.checkpoint import (
+    Block,
+    CheckpointReader,
+    CheckpointWriter,
+    TensorInfo,
+    TensorSource,
+    locate,
+    with_layer,
+)
 from evomerge.errors import EvomergeError
 from evomerge.methods import BasePolicy, get_method
 from evomerge.methods.registry import MergeMethod
@@ -52,7 +60,7 @@ class TensorJob:
 class MergePlan:
     recipe: MergeRecipe
     method: MergeMethod
-    readers: dict[str, CheckpointReader]  # by the model string used in the recipe
+    readers: dict[str, TensorSource]  # by the model string used in the recipe
     jobs: list[TensorJob]
     metadata_source: Path  # config.json and friends come from here
     tokenizer_source: Path
@@ -60,8 +68,8 @@ class MergePlan:
 
 
 def _open_models(
-    recipe: MergeRecipe, relative_to: Path | None, cache: dict[str, CheckpointReader] | None
-) -> dict[str, CheckpointReader]:
+    recipe: MergeRecipe, relative_to: Path | None, cache: dict[str, TensorSource] | None
+) -> dict[str, TensorSource]:
     readers = {}
     for name in recipe.model_names():
         if cache is not None and name in cache:
@@ -91,7 +99,7 @@ def plan_merge(
     recipe: Recipe,
     *,
     relative_to: str | Path | None = None,
-    readers: dict[str, CheckpointReader] | None = None,
+    readers: dict[str, TensorSource] | None = None,
 ) -> MergePlan:
     """Resolve a recipe against its checkpoints; raises before any tensor is read. Pass a
     ``readers`` dict to keep checkpoints open across many plans (a search plans one per
@@ -220,7 +228,7 @@ def _plan_slices(recipe, method, readers, jobs) -> int:
     return out_layer
 
 
-def _check_sources(job: TensorJob, readers: dict[str, CheckpointReader]) -> None:
+def _check_sources(job: TensorJob, readers: dict[str, TensorSource]) -> None:
     inputs = ([job.base] if job.base else []) + job.sources
     shapes = {}
     for model, name in inputs:
@@ -286,7 +294,7 @@ def merge_job(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Te
     return merged.to(out_dtype or original)
 
 
-class StageReader:
+class StageReader(TensorSource):
     """A stage of a staged recipe seen as a checkpoint: names, shapes and dtypes from its plan,
     and each tensor merged when it is asked for (nothing of the stage is ever stored)."""
 
@@ -294,26 +302,9 @@ class StageReader:
         self.plan = plan
         self.path = plan.metadata_source  # config and tokenizer files come from there
         self.config = plan.readers[plan.recipe.base_model or plan.recipe.model_names()[0]].config
-        self.num_layers = plan.num_layers
         self.device = torch.device("cpu")
         self._jobs = {job.out_name: job for job in plan.jobs}
         self._infos = {n: TensorInfo(n, shape, dtype, "") for n, shape, dtype in output_layout(plan)}
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._infos)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._infos
-
-    def __len__(self) -> int:
-        return len(self._infos)
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise EvomergeError(f"stage merged from {self.path}: no tensor named {name!r}") from None
 
     def get(self, name: str) -> torch.Tensor:
         return merge_job(self.plan, self._jobs[name], self.device)
@@ -402,7 +393,7 @@ def merge_into_model(
     recipe: Recipe | str | Path,
     model: torch.nn.Module,
     *,
-    readers: dict[str, CheckpointReader] | None = None,
+    readers: dict[str, TensorSource] | None = None,
 ) -> MergePlan:
     """Merge straight into ``model``'s parameters on their device (``param.copy_``); see
     :func:`plan_merge` for ``readers``."""

@@ -18,6 +18,7 @@ while the driver records a result and asks the optimizer for the next one.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -77,16 +78,10 @@ class Evaluator:
         return result.objectives, {
             "merge_seconds": round(merged - start, 4),
             "fitness_seconds": round(end - merged, 4),
-            "metrics": _json(result.metrics),
+            "metrics": json.dumps(result.metrics),
             "error": result.error,
             "worker": self.worker,
         }
-
-
-def _json(metrics: dict) -> str:
-    import json
-
-    return json.dumps(metrics)
 
 
 def _describe(e: BaseException) -> str:
@@ -99,7 +94,7 @@ class LocalPool:
 
     size = 1
 
-    def __init__(self, config: SearchConfig, log: Callable[[str], None] = print):
+    def __init__(self, config: SearchConfig):
         self.evaluator = Evaluator(config)
         self.queue: deque = deque()
 
@@ -310,5 +305,5 @@ def _cause(e: BaseException) -> str:
 
 def make_pool(config: SearchConfig, models: list[str], log: Callable[[str], None] = print):
     if config.workers.count == 0:
-        return LocalPool(config, log)
+        return LocalPool(config)
     return RayPool(config, models, log)

@@ -11,15 +11,12 @@ shared bytes, not a copy: the merge methods never write to their inputs (a test 
 from __future__ import annotations
 
 import warnings
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from evomerge.checkpoint.layout import count_layers
-from evomerge.checkpoint.reader import CheckpointReader, TensorInfo
-from evomerge.errors import EvomergeError
+from evomerge.checkpoint.reader import CheckpointReader, TensorInfo, TensorSource
 
 
 def pack(reader: CheckpointReader) -> dict:
@@ -32,7 +29,7 @@ def pack(reader: CheckpointReader) -> dict:
     return {"config": reader.config, "path": str(reader.path), "tensors": tensors}
 
 
-class MemoryCheckpoint:
+class MemoryCheckpoint(TensorSource):
     """Read-only checkpoint over :func:`pack`'s dict (e.g. from ``ray.get``)."""
 
     def __init__(self, packed: dict):
@@ -43,26 +40,6 @@ class MemoryCheckpoint:
             name: TensorInfo(name, tuple(shape), getattr(torch, dtype), "")
             for name, (dtype, shape, _) in self._tensors.items()
         }
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._infos)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._infos
-
-    def __len__(self) -> int:
-        return len(self._infos)
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise EvomergeError(f"{self.path}: no tensor named {name!r}") from None
-
-    @cached_property
-    def num_layers(self) -> int:
-        return count_layers(self._infos)
 
     def get(self, name: str) -> torch.Tensor:
         """A tensor viewing the shared bytes (read-only by contract)."""

@@ -106,7 +106,41 @@ def _read_header(path: Path) -> _Shard:
         raise bad(f"malformed header: {e}") from None
 
 
-class CheckpointReader:
+class TensorSource:
+    """What the merge engine reads tensors from: names, shapes and dtypes up front (``_infos``,
+    in stored order), each tensor on demand (``get``). A checkpoint on disk, one shared in
+    memory (:mod:`evomerge.checkpoint.memory`) and a stage of a staged recipe
+    (:class:`evomerge.merge.StageReader`) are all one."""
+
+    path: Path
+    _infos: dict[str, TensorInfo]
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names, in the order the source stores them."""
+        return list(self._infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise EvomergeError(f"{self.path}: no tensor named {name!r}") from None
+
+    @cached_property
+    def num_layers(self) -> int:
+        return count_layers(self._infos)
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CheckpointReader(TensorSource):
     """Names, shapes and dtypes of a checkpoint's tensors without loading them; each tensor
     loaded on demand from its shard.
 
@@ -189,23 +223,6 @@ class CheckpointReader:
 
     # -- what is in it -------------------------------------------------------------------
 
-    @property
-    def names(self) -> list[str]:
-        """Tensor names, in the order the checkpoint stores them."""
-        return list(self._infos)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._infos
-
-    def __len__(self) -> int:
-        return len(self._infos)
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise EvomergeError(f"{self.path}: no tensor named {name!r}") from None
-
     @cached_property
     def config(self) -> dict:
         """``config.json`` as a dict ({} if the checkpoint has none)."""
@@ -216,10 +233,6 @@ class CheckpointReader:
             return json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise EvomergeError(f"{path}: invalid JSON ({e})") from None
-
-    @cached_property
-    def num_layers(self) -> int:
-        return count_layers(self._infos)
 
     # -- loading -------------------------------------------------------------------------
 
