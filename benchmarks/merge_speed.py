@@ -3,11 +3,13 @@
 Synthetic Llama-shaped bf16 checkpoints (a base and two "experts" = base + noise) of a few
 hundred million parameters, so merge time dominates start-up. Each merge runs as its own
 process (the CLI a user runs), timed wall-clock, with its peak resident memory from the
-kernel (wait4). The floor is a plain copy of the same bytes in the same run: read every
-input tensor (evomerge's reader reads each one fully with pread), write one output checkpoint. Writes benchmarks/results/merge_speed.{md,json}.
+kernel (wait4). The floor is a plain copy of the same bytes in the same run: copy every
+input tensor into memory, write one output checkpoint. Before every timed run the page cache's
+dirty pages are flushed (sync), so no run pays for the previous one's writeback; each run is
+repeated and the median reported. Writes benchmarks/results/merge_speed.{md,json}.
 
-    .venv/bin/python benchmarks/merge_speed.py              # ~950M parameters per model (~10 min)
-    .venv/bin/python benchmarks/merge_speed.py --layers 4   # quicker
+    .venv/bin/python benchmarks/merge_speed.py              # ~950M parameters per model (~15 min)
+    .venv/bin/python benchmarks/merge_speed.py --layers 4 --repeat 1   # quicker
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +41,7 @@ first = readers[0]
 layout = [(n, first.info(n).shape, first.info(n).dtype) for n in first.names]
 with CheckpointWriter(out, metadata_from=inputs[0], layout=layout) as w:
     for n in first.names:
-        tensors = [r.get(n) for r in readers]
+        tensors = [r.get(n).clone() for r in readers]  # every input byte copied into memory once
         w.add(n, tensors[0])
 """
 
@@ -123,7 +126,8 @@ def recipes(m: dict[str, Path]) -> dict[str, dict]:
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one child process."""
+    """Wall seconds and peak RSS (MiB) of one child process, started with no dirty pages."""
+    os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -144,6 +148,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/evomerge-bench"))
     parser.add_argument("--only", nargs="*", help="recipes to run (default: all)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each tool per recipe (median reported)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "merge_speed")
     args = parser.parse_args()
 
@@ -166,39 +173,43 @@ def main() -> None:
         )
         inputs = list(dict.fromkeys(inputs))
         moved = size * (len(inputs) + 1)  # every input read once, one output written
-        copy_out = runs / f"{name}-copy"
-        copy_wall, copy_rss = timed(
-            [sys.executable, "-c", COPY_SCRIPT, str(copy_out), *map(str, inputs)], env
-        )
-        shutil.rmtree(copy_out)
-        results = {}
-        for tool, cmd in [
-            ("mergekit-yaml", [str(venv_bin / "mergekit-yaml"), str(path), str(runs / f"{name}-mk"),
-                               "--no-copy-tokenizer", "--no-write-model-card"]),
-            ("evomerge", [str(venv_bin / "evomerge"), "merge", str(path), str(runs / f"{name}-em")]),
-        ]:  # fmt: skip
-            wall, rss = timed(cmd, env)
-            results[tool] = (wall, rss)
-            print(f"  {name:<16} {tool:<14} {wall:7.1f} s  {rss:8.0f} MiB", flush=True)
-        shutil.rmtree(runs / f"{name}-mk", ignore_errors=True)
-        shutil.rmtree(runs / f"{name}-em", ignore_errors=True)
-        (em_wall, em_rss), (mk_wall, mk_rss) = results["evomerge"], results["mergekit-yaml"]
+        commands = {
+            "copy": [sys.executable, "-c", COPY_SCRIPT, str(runs / f"{name}-copy"), *map(str, inputs)],
+            "mergekit": [str(venv_bin / "mergekit-yaml"), str(path), str(runs / f"{name}-mergekit"),
+                         "--no-copy-tokenizer", "--no-write-model-card"],
+            "evomerge": [str(venv_bin / "evomerge"), "merge", str(path), str(runs / f"{name}-evomerge")],
+        }  # fmt: skip
+        walls: dict[str, list[float]] = {tool: [] for tool in commands}
+        rss: dict[str, list[float]] = {tool: [] for tool in commands}
+        for rep in range(args.repeat):
+            for tool, cmd in commands.items():  # the copy floor first: the page cache is warm after it
+                wall, peak = timed(cmd, env)
+                walls[tool].append(wall)
+                rss[tool].append(peak)
+                shutil.rmtree(runs / f"{name}-{tool}", ignore_errors=True)
+                print(
+                    f"  {name:<16} {tool:<9} run {rep + 1}/{args.repeat} {wall:7.1f} s {peak:8.0f} MiB",
+                    flush=True,
+                )
+        med = {tool: statistics.median(w) for tool, w in walls.items()}
+        ratios = [m / e for m, e in zip(walls["mergekit"], walls["evomerge"], strict=True)]
         rows.append({
             "recipe": name, "inputs": len(inputs), "bytes_moved": moved,
-            "copy_s": copy_wall, "copy_rss_mib": copy_rss,
-            "mergekit_s": mk_wall, "mergekit_rss_mib": mk_rss,
-            "evomerge_s": em_wall, "evomerge_rss_mib": em_rss,
-            "speedup": mk_wall / em_wall, "evomerge_vs_copy": em_wall / copy_wall,
+            "copy_s": med["copy"], "mergekit_s": med["mergekit"], "evomerge_s": med["evomerge"],
+            "copy_rss_mib": max(rss["copy"]), "mergekit_rss_mib": max(rss["mergekit"]),
+            "evomerge_rss_mib": max(rss["evomerge"]),
+            "speedup": med["mergekit"] / med["evomerge"], "speedup_min": min(ratios), "speedup_max": max(ratios),
+            "evomerge_vs_copy": med["evomerge"] / med["copy"], "runs_s": walls,
         })  # fmt: skip
-        print(f"  {name:<16} {'copy floor':<14} {copy_wall:7.1f} s  {copy_rss:8.0f} MiB", flush=True)
 
     header = (
-        "| recipe | mergekit-yaml s | evomerge s | speedup | mergekit peak MiB | evomerge peak MiB | "
-        "copy floor s | evomerge / copy | evomerge GB/s | copy GB/s |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| recipe | mergekit-yaml s | evomerge s | speedup | speedup per run | mergekit peak MiB | "
+        "evomerge peak MiB | copy floor s | evomerge / copy | evomerge GB/s | copy GB/s |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [
         f"| {r['recipe']} | {r['mergekit_s']:.1f} | {r['evomerge_s']:.1f} | {r['speedup']:.2f}x | "
+        f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}x | "
         f"{r['mergekit_rss_mib']:.0f} | {r['evomerge_rss_mib']:.0f} | {r['copy_s']:.1f} | "
         f"{r['evomerge_vs_copy']:.2f}x | {r['bytes_moved'] / r['evomerge_s'] / 1e9:.2f} | "
         f"{r['bytes_moved'] / r['copy_s'] / 1e9:.2f} |"
@@ -209,8 +220,11 @@ def main() -> None:
 
 Synthetic Llama-shaped bf16 checkpoints: hidden {args.hidden}, {args.layers} layers, vocabulary
 {args.vocab}, {size / 1e9:.2f} GB per model. Every run is a fresh process (start-up included),
-wall-clock seconds, peak RSS from wait4. "copy floor": a process that reads every input tensor
-and writes one output checkpoint, the same bytes a merge must move. GB/s = (inputs + output) bytes / wall.
+wall-clock seconds, median of {args.repeat} runs per tool, each started after `sync` (no dirty pages
+left by the run before); "speedup per run" is the range of mergekit / evomerge within each
+repetition. Peak RSS from wait4 (the largest of the runs). "copy floor": a process that copies
+every input tensor into memory and writes one output checkpoint, the bytes a merge must move.
+GB/s = (inputs + output) bytes / wall.
 
 {table}
 

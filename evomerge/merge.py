@@ -34,6 +34,7 @@ from evomerge.checkpoint import (
 )
 from evomerge.errors import EvomergeError
 from evomerge.methods import BasePolicy, get_method
+from evomerge.methods.blockwise import Elementwise
 from evomerge.methods.registry import MergeMethod
 from evomerge.recipe import MergeRecipe, Parameters, Recipe, StagedRecipe, load_recipe, resolve_all
 
@@ -291,6 +292,8 @@ def merge_job(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Te
         )
     with torch.no_grad():
         merged = plan.method.fn(base, tensors, job.per_model, job.shared, generator)
+        if isinstance(merged, Elementwise):  # evaluated block by block into the output dtype
+            return merged.materialize(out_dtype or original)
     return merged.to(out_dtype or original)
 
 

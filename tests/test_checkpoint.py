@@ -194,3 +194,41 @@ def test_bad_checkpoints_name_the_file_or_tensor(tmp_path):
         CheckpointReader(out)
     with pytest.raises(EvomergeError, match="no tensor named 'missing'"):
         CheckpointReader(write(tmp_path / "x", sample_tensors())).info("missing")
+
+
+def _raw_safetensors(path, tensors):
+    """A safetensors file laid out exactly as given: no padding between tensors."""
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        data = t.contiguous().view(torch.uint8).numpy().tobytes()
+        code = {torch.uint8: "U8", torch.float32: "F32", torch.bfloat16: "BF16"}[t.dtype]
+        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + b"".join(blobs))
+
+
+def test_tensors_are_private_maps_even_when_misaligned(tmp_path):
+    odd = torch.tensor([1, 2, 3], dtype=torch.uint8)  # puts the float32 tensor at byte 3
+    f32 = torch.arange(5, dtype=torch.float32) / 3
+    bf16 = torch.linspace(-1, 1, 7).to(torch.bfloat16)
+    _raw_safetensors(tmp_path / SINGLE_FILE, {"odd": odd, "f32": f32, "bf16": bf16})
+    before = (tmp_path / SINGLE_FILE).read_bytes()
+    r = CheckpointReader(tmp_path)
+    assert torch.equal(r.get("odd"), odd) and torch.equal(r.get("f32"), f32)
+    assert torch.equal(r.get("bf16"), bf16)
+    x = r.get("bf16")
+    x.mul_(0)  # copy-on-write: the file and later reads are untouched
+    assert torch.equal(r.get("bf16"), bf16) and (tmp_path / SINGLE_FILE).read_bytes() == before
+
+
+def test_a_shard_truncated_after_opening_is_a_clear_error(tmp_path):
+    save_file({"a": torch.ones(1000), "b": torch.ones(1000)}, str(tmp_path / SINGLE_FILE))
+    r = CheckpointReader(tmp_path)
+    size = (tmp_path / SINGLE_FILE).stat().st_size
+    with open(tmp_path / SINGLE_FILE, "r+b") as f:
+        f.truncate(size - 100)
+    with pytest.raises(EvomergeError, match=r"model.safetensors: tensor '\w' is truncated"):
+        r.get("a"), r.get("b")

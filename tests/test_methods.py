@@ -1,13 +1,21 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evomerge.errors import EvomergeError
-from evomerge.methods import METHODS, merge_tensors
-from evomerge.methods.sparsify import della_mask, magnitude_mask, outlier_mask, random_mask, rescale_
+from evomerge.methods import METHODS, blockwise, merge_tensors, sparsify
+from evomerge.methods.sparsify import (
+    della_mask,
+    magnitude_mask,
+    outlier_mask,
+    random_mask,
+    rescale_factor,
+    uniform,
+)
 
 T = torch.tensor
 
@@ -142,7 +150,41 @@ def test_della_keeps_large_entries_more_often():
 def test_random_mask_and_rescale_with_density_one_keep_everything():
     d = torch.randn(10)
     assert random_mask(d, 1.0, None).all()
-    assert torch.equal(rescale_(d.clone(), torch.ones(10, dtype=torch.bool), "l1", 1.0), d)
+    assert rescale_factor(torch.zeros(10), d, torch.ones(10, dtype=torch.bool), "l1", 1.0) == 1.0
+
+
+def test_rescale_factor_by_hand():
+    base = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    x = base + torch.tensor([1.0, -2.0, 3.0, -4.0])
+    kept = torch.tensor([True, False, True, False])
+    assert rescale_factor(base, x, kept, "l1", 0.5) == pytest.approx(10 / 4)  # |d| 10, kept 4
+    assert rescale_factor(base, x, kept, "inverse_density", 0.25) == 4.0
+    assert rescale_factor(base, x, kept, "none", 0.25) == 1.0
+    assert rescale_factor(base, x, torch.zeros(4, dtype=torch.bool), "l1", 0.5) == 1.0  # all dropped
+
+
+def test_random_masks_depend_on_the_seed_alone(monkeypatch):
+    # 3000 entries in streams of 128 (the last one short), drawn on 1 thread and on several:
+    # stream j is PCG64 keyed by (seed, j), whatever thread draws it
+    monkeypatch.setattr(sparsify, "STREAM", 128)
+    like = torch.empty(3, 1000)
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(5)))
+    raw = np.concatenate([
+        np.random.PCG64(np.random.SeedSequence([seed, j])).random_raw(64).view(np.uint32)[: min(128, 3000 - 128 * j)]
+        for j in range(24)
+    ])  # fmt: skip
+    expected = torch.from_numpy(raw < np.uint32(int(0.3 * 2**32))).reshape(3, 1000)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            assert torch.equal(random_mask(like, 0.3, torch.Generator().manual_seed(5)), expected)
+    finally:
+        torch.set_num_threads(threads)
+    assert 0.25 < expected.float().mean() < 0.35
+    draws = uniform((3, 1000), torch.Generator().manual_seed(5), "cpu")
+    assert torch.equal(draws, torch.from_numpy((raw >> 8).astype(np.float32) / 2**24).reshape(3, 1000))
+    assert draws.min() >= 0 and draws.max() < 1
 
 
 # -- spherical -------------------------------------------------------------------------------------
@@ -268,6 +310,28 @@ def test_wrong_model_counts_and_parameters_are_clear_errors():
         merge_tensors("linear", [x], weight=[1], density=[1])
     with pytest.raises(EvomergeError, match="unknown merge_method 'tie'"):
         merge_tensors("tie", [x], x)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_evaluating_in_blocks_gives_the_whole_tensor_result(method, monkeypatch):
+    # 37 x 29 entries in blocks of 7 (the last one short) against one block for everything.
+    m = METHODS[method]
+    n = 1 if m.max_models == 1 else 2 if m.max_models == 2 else 3
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(37, 29, generator=g) for _ in range(n)]
+    base = None if m.base.value == "none" else torch.randn(37, 29, generator=g)
+    names = {p.name for p in m.params}
+    params = {"weight": [0.6, 0.3, 0.8][:n]} if "weight" in names else {}
+    params |= {"density": [0.5, 0.4, 0.7][:n]} if "density" in names else {}
+    params |= {"t": 0.3} if method == "slerp" else {}
+    whole = merge_tensors(method, xs, base, seed=3, **params)
+    monkeypatch.setattr(blockwise, "BLOCK", 7)
+    blocked = merge_tensors(method, xs, base, seed=3, **params)
+    if m.param("rescale_norm") is not None and m.param("rescale").default:
+        # the L1 norms of the rescale are summed block by block: a different order of addition
+        assert torch.allclose(blocked, whole, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(blocked, whole)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -1,9 +1,10 @@
 """Lazy, read-only access to a Hugging Face safetensors checkpoint, tensor by tensor.
 
-Headers are parsed on open (names, shapes, dtypes, byte offsets); a tensor's bytes are read
-with one ``pread`` into a fresh buffer when it is asked for. Unlike a memory map, nothing
-stays resident in the process after the tensor is dropped, so a merge's memory is the
-tensors in flight, not the sum of the inputs it has touched.
+Headers are parsed on open (names, shapes, dtypes, byte offsets); a tensor's bytes are
+mapped, privately and copy-on-write, when it is asked for, and unmapped when the tensor is
+freed. The merge reads the page cache directly (no copy into a buffer of our own), and
+nothing stays resident in the process after the tensor is dropped, so a merge's memory is
+the tensors in flight, not the sum of the inputs it has touched.
 
 Only safetensors are read: pickled weights (``*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) can
 run code when loaded, so a directory holding only those is refused with a message saying
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -237,14 +239,25 @@ class CheckpointReader(TensorSource):
     # -- loading -------------------------------------------------------------------------
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor: a fresh CPU tensor that owns its memory."""
+        """One tensor, on CPU: a private (copy-on-write) map of its bytes in the shard, released
+        when the tensor is freed. Writing to it never changes the file."""
         info = self.info(name)
         shard = self._open(info.file)
         _, _, begin, end = shard.entries[name]
         if end == begin:
             return torch.empty(info.shape, dtype=info.dtype)
-        buf = bytearray(end - begin)
-        got = os.preadv(shard.fd, [buf], shard.data_start + begin)
-        if got != len(buf):
+        start = shard.data_start + begin
+        if os.fstat(shard.fd).st_size < start + (end - begin):  # shrunk since it was opened
             raise EvomergeError(f"{self.path / info.file}: tensor {name!r} is truncated")
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        page = start - start % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(
+            shard.fd,
+            start + (end - begin) - page,
+            flags=mmap.MAP_PRIVATE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=page,
+        )
+        data = torch.frombuffer(mapped, dtype=torch.uint8, offset=start - page, count=end - begin)
+        if start % info.dtype.itemsize:  # misaligned for its dtype (odd-sized neighbours): copy
+            data = data.clone()
+        return data.view(info.dtype).reshape(info.shape)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
+from evomerge.methods.blockwise import linear_combination
 from evomerge.methods.registry import BasePolicy, MergeMethod, Param, Scope, register, work_dtype
 
 
@@ -11,10 +10,7 @@ def _linear(base, tensors, per_model, params, generator):
     weights = per_model["weight"]
     total = sum(weights)
     scale = 1 / total if params.get("normalize", True) and abs(total) > 1e-8 else 1.0
-    out = torch.zeros(tensors[0].shape, dtype=work_dtype(tensors[0]), device=tensors[0].device)
-    for w, x in zip(weights, tensors, strict=True):
-        out.add_(x, alpha=w * scale)  # one pass per model, promoted to the work dtype on the fly
-    return out
+    return linear_combination(tensors, [w * scale for w in weights], work_dtype(tensors[0]))
 
 
 def _passthrough(base, tensors, per_model, params, generator):

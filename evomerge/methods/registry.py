@@ -2,8 +2,10 @@
 
 A method is a pure function over tensors. It receives the base tensor (or None), the
 other models' tensors in recipe order, the per-model parameters as lists aligned with
-them, the global parameters, and a torch.Generator for stochastic methods. Parameters are
-validated against the schema before any tensor is read.
+them, the global parameters, and a torch.Generator for stochastic methods, and returns
+the merged tensor in the work dtype, or (for methods ending in elementwise arithmetic) an
+:class:`~evomerge.methods.blockwise.Elementwise` the engine evaluates block by block.
+Parameters are validated against the schema before any tensor is read.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from enum import Enum
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.methods.blockwise import Elementwise
 
 
 class Scope(str, Enum):
@@ -65,10 +68,11 @@ class BasePolicy(str, Enum):
     NONE = "none"  # the base, if named, is merged like any other model
 
 
-# fn(base, tensors, per_model, global_params, generator) -> merged tensor
+# fn(base, tensors, per_model, global_params, generator) -> the merged tensor, in the work
+# dtype, or its elementwise remainder for the engine to evaluate block by block
 MethodFn = Callable[
     [torch.Tensor | None, list[torch.Tensor], dict[str, list], dict, torch.Generator | None],
-    torch.Tensor,
+    torch.Tensor | Elementwise,
 ]
 
 
@@ -160,4 +164,8 @@ def merge_tensors(
     if m.stochastic:
         device = (base if base is not None else tensors[0]).device
         generator = torch.Generator(device=device).manual_seed(0 if seed is None else seed)
-    return m.fn(base, tensors, per_model, shared, generator)
+    with torch.no_grad():
+        merged = m.fn(base, tensors, per_model, shared, generator)
+        if isinstance(merged, Elementwise):
+            return merged.materialize(work_dtype(base if base is not None else tensors[0]))
+    return merged

@@ -2,35 +2,38 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from evomerge.methods.blockwise import block_sums, linear_combination
 from evomerge.methods.registry import BasePolicy, MergeMethod, Param, Scope, register, work_dtype
 
 COLLINEAR = 0.9995  # |cos| above this: the arc is a line, interpolate linearly
 
 
-def slerp_vectors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation of two flattened vectors; the angle comes from the normalized
-    copies, the result is built from the originals (so norms interpolate too)."""
-    # cos = <a/|a|, b/|b|> from one dot product, without normalized copies: merges are
-    # memory-bound, and each full-size temporary costs a pass
-    na, nb = a.norm(), b.norm()
-    dot = torch.dot(a, b) if a.dim() == 1 else (a * b).sum()
-    cos = (dot / ((na if na > 1e-8 else 1.0) * (nb if nb > 1e-8 else 1.0))).clamp(-1, 1)
-    if cos.abs() > COLLINEAR:
-        c0, c1 = 1 - t, t
-    else:
-        theta = torch.acos(cos)
-        s = torch.sin(theta)
-        c0, c1 = float(torch.sin((1 - t) * theta) / s), float(torch.sin(t * theta) / s)
-    return (a * c0).add_(b, alpha=c1)
+def slerp_coefficients(t: float, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(c0, c1) with slerp(t, a, b) = c0 a + c1 b: the angle comes from the directions, the
+    result is built from the originals (so norms interpolate too)."""
+    dtype = work_dtype(a)
+
+    def sums(x, y):  # cos = <a, b> / (|a| |b|) from three reductions, block by block
+        x, y = x.to(dtype), y.to(dtype)
+        return [torch.dot(x, y), torch.dot(x, x), torch.dot(y, y)]
+
+    dot, aa, bb = block_sums(sums, [a, b])
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    cos = min(1.0, max(-1.0, dot / ((na if na > 1e-8 else 1.0) * (nb if nb > 1e-8 else 1.0))))
+    if abs(cos) > COLLINEAR:
+        return 1 - t, t
+    theta = math.acos(cos)
+    s = math.sin(theta)
+    return math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
 
 
 def _slerp(base, tensors, per_model, params, generator):
-    dtype = work_dtype(base)
-    t = params["t"]
-    a, b = base.to(dtype).reshape(-1), tensors[0].to(dtype).reshape(-1)
-    return slerp_vectors(t, a, b).reshape(base.shape)
+    c0, c1 = slerp_coefficients(params["t"], base, tensors[0])
+    return linear_combination([base, tensors[0]], [c0, c1], work_dtype(base))
 
 
 def _nuslerp_rows(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.methods import sparsify as sp
+from evomerge.methods.blockwise import Elementwise, linear_combination
 from evomerge.methods.registry import BasePolicy, MergeMethod, Param, Scope, register, work_dtype
 
 RESCALE_MODES = ("l1", "inverse_density", "none")
@@ -41,63 +42,77 @@ def combine(
     params: dict,
     generator: torch.Generator | None,
     family: Family,
-) -> torch.Tensor:
-    # In-place where possible: merges are memory-bound, each pass over the tensor costs.
+) -> Elementwise:
+    # Two phases, so that no full-size float32 temporary is needed where none is inherent:
+    # per model, a keep-mask and a rescale factor (full tensors only where the drop ranks
+    # magnitudes); then the election and the sum, elementwise, block by block.
     dtype = work_dtype(base)
     lam = params.get("lambda", 1.0)
     normalize = params.get("normalize", family.normalize)
+    weights = per_model["weight"]
     if family.drop is None and not family.elect_sign:
         # Plain task arithmetic, rearranged to one pass per model:
         # base + s * sum w_i (x_i - base) = (1 - s * sum w) * base + sum (s * w_i) * x_i
-        total = sum(per_model["weight"])
+        total = sum(weights)
         s = lam / (total if normalize and abs(total) >= 1e-8 else 1.0)
-        out = base.to(dtype) * (1 - s * total)
-        for w, x in zip(per_model["weight"], tensors, strict=True):
-            out.add_(x, alpha=s * w)
-        return out
-    b = base.to(dtype)
-    weights = torch.tensor(per_model["weight"], dtype=dtype, device=b.device)
-    deltas = torch.empty((len(tensors), *b.shape), dtype=dtype, device=b.device)
+        return linear_combination([base, *tensors], [1 - s * total] + [s * w for w in weights], dtype)
     mode = params.get("rescale_norm", "l1") if params.get("rescale", family.rescale) else "none"
-    for i, x in enumerate(tensors):
-        d = deltas[i]
-        torch.sub(x, b, out=d)  # promotes x to the work dtype on the fly
-        if family.drop is not None:
-            density = per_model["density"][i]
-            if family.drop == "magnitude":
-                kept = sp.magnitude_mask(d, density)
-            elif family.drop == "random":
-                kept = sp.random_mask(d, density, generator)
-            elif family.drop == "outliers":
-                kept = sp.outlier_mask(d, density, per_model["gamma"][i])
-            else:
-                kept = sp.della_mask(d, density, per_model["epsilon"][i], generator)
-            sp.rescale_(d, kept, mode, density)
-    w = weights.reshape(-1, *([1] * b.dim()))
-    deltas.mul_(w)
-    if family.elect_sign:
-        # sign(d) == elected sign, with elected = + where the sum is >= 0; zeros never agree.
-        # One model at a time: a few fused passes, no stacked boolean temporaries.
-        positive = deltas.sum(dim=0) >= 0
-        mixed = torch.zeros_like(b)
-        divisor = torch.zeros_like(b) if normalize else None
-        for i, d in enumerate(deltas):  # (boolean torch.where is ~5x slower than these on CPU)
-            agree = (d > 0) == positive
-            agree &= d != 0
-            mixed.add_(d.mul_(agree))  # d is this function's own buffer: zero the disagreeing in place
+    masks = [_keep_mask(family.drop, base, x, i, per_model, generator, dtype) for i, x in enumerate(tensors)]
+    # each model's task vector is scaled once, by its weight times its rescale factor
+    scales = [
+        w * sp.rescale_factor(base, x, kept, mode, per_model["density"][i] if kept is not None else 1.0)
+        for i, (w, x, kept) in enumerate(zip(weights, tensors, masks, strict=True))
+    ]
+    n = len(tensors)
+    total = sum(weights)
+
+    def merged(b: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
+        b = b.to(dtype)
+        deltas = []
+        for x, kept, c in zip(rest[:n], rest[n:], scales, strict=True):
+            d = torch.sub(x, b)  # promotes x to the work dtype on the fly
+            if kept is not None:
+                d.mul_(kept)
+            deltas.append(d.mul_(c))
+        mixed = deltas[0].clone() if family.elect_sign else deltas[0]
+        for d in deltas[1:]:
+            mixed.add_(d)
+        if family.elect_sign:
+            # sign(d) == elected sign, with elected = + where the sum is >= 0; zeros never agree.
+            # (boolean torch.where is ~5x slower than these on CPU)
+            positive = mixed >= 0
+            mixed.zero_()
+            divisor = torch.zeros_like(b) if normalize else None
+            for w, d in zip(weights, deltas, strict=True):
+                agree = (d > 0) == positive
+                agree &= d != 0
+                mixed.add_(d.mul_(agree))
+                if divisor is not None:
+                    divisor.add_(agree.to(dtype), alpha=float(w))
             if divisor is not None:
-                divisor.add_(agree.to(d.dtype), alpha=float(per_model["weight"][i]))
-        if divisor is not None:
-            divisor[divisor == 0] = 1
-            mixed.div_(divisor)
-    else:
-        mixed = deltas.sum(dim=0)
-        if normalize:
-            total = weights.sum()
-            mixed.div_(total if total.abs() >= 1e-8 else 1.0)
-    if lam != 1:
-        mixed.mul_(lam)
-    return mixed.add_(b)
+                mixed.div_(divisor.masked_fill_(divisor == 0, 1))
+        elif normalize:
+            mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+        if lam != 1:
+            mixed.mul_(lam)
+        return mixed.add_(b)
+
+    return Elementwise(merged, [base, *tensors, *masks])
+
+
+def _keep_mask(drop, base, x, i, per_model, generator, dtype) -> torch.Tensor | None:
+    """Model ``i``'s keep-mask of its task vector ``x - base`` (None: keep everything)."""
+    if drop is None:
+        return None
+    density = per_model["density"][i]
+    if drop == "random":  # independent of the values: no task vector needed
+        return sp.random_mask(x, density, generator)
+    d = torch.sub(x, base.to(dtype))  # the rank-based drops see the whole task vector
+    if drop == "magnitude":
+        return sp.magnitude_mask(d, density)
+    if drop == "outliers":
+        return sp.outlier_mask(d, density, per_model["gamma"][i])
+    return sp.della_mask(d, density, per_model["epsilon"][i], generator)
 
 
 def _register(family: Family) -> None:

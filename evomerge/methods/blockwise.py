@@ -1,0 +1,82 @@
+"""Block-by-block evaluation of a merge's elementwise part.
+
+A merge of bf16 checkpoints is memory-bound: each full-size float32 temporary costs a pass
+over main memory. Most methods end in an elementwise function of their aligned inputs (a
+weighted sum, SLERP once its angle is known, TIES once its masks are known). A method
+returns that part as an :class:`Elementwise` instead of a tensor, and the engine evaluates
+it on CPU in blocks of :data:`BLOCK` entries: the float32 temporaries of a block stay in
+cache, and each block is written straight into the output dtype, so main memory sees the
+inputs read once and the output written once. Elsewhere (CUDA) it is one block.
+
+Per-tensor reductions that such methods need first (norms, dot products, L1 norms) go
+through :func:`block_sums` for the same reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+BLOCK = 1 << 19  # entries per block on CPU: the float32 temporaries of a block stay in cache
+
+
+def block_ranges(numel: int, device: torch.device) -> Iterator[slice]:
+    """Flat ranges covering ``numel`` entries: blocks of :data:`BLOCK` on CPU, one elsewhere."""
+    if numel == 0:
+        yield slice(0, 0)
+        return
+    step = BLOCK if device.type == "cpu" else numel
+    for start in range(0, numel, step):
+        yield slice(start, min(start + step, numel))
+
+
+def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.reshape(-1)
+
+
+@dataclass
+class Elementwise:
+    """``fn(*blocks)`` applied to aligned flat blocks of ``inputs`` (None stays None) gives the
+    same block of the result, computed in the work dtype. ``inputs[0]`` fixes shape and device."""
+
+    fn: Callable[..., torch.Tensor]
+    inputs: list[torch.Tensor | None]
+
+    def materialize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The result in ``dtype``, written block by block into ``out`` (allocated if None)."""
+        first = self.inputs[0]
+        if out is None:
+            out = torch.empty(first.shape, dtype=dtype, device=first.device)
+        flats = [_flat(x) for x in self.inputs]
+        target = out.view(-1)
+        for r in block_ranges(first.numel(), first.device):
+            target[r].copy_(self.fn(*[None if x is None else x[r] for x in flats]))
+        return out
+
+
+def linear_combination(
+    inputs: list[torch.Tensor], coefficients: list[float], dtype: torch.dtype
+) -> Elementwise:
+    """sum_i c_i x_i, accumulated in ``dtype``, one pass per input within each block."""
+
+    def fn(*xs: torch.Tensor) -> torch.Tensor:
+        acc = torch.mul(xs[0].to(dtype), coefficients[0])
+        for c, x in zip(coefficients[1:], xs[1:], strict=True):
+            acc.add_(x, alpha=c)  # promotes x to the accumulator's dtype on the fly
+        return acc
+
+    return Elementwise(fn, list(inputs))
+
+
+def block_sums(fn: Callable[..., list[torch.Tensor]], inputs: list[torch.Tensor | None]) -> list[float]:
+    """Sums over all entries of the reductions ``fn(*blocks)`` returns (each a 0-d tensor of
+    one block), accumulated across blocks in double precision."""
+    flats = [_flat(x) for x in inputs]
+    totals: list[float] | None = None
+    for r in block_ranges(flats[0].numel(), flats[0].device):
+        parts = [float(p) for p in fn(*[None if x is None else x[r] for x in flats])]
+        totals = parts if totals is None else [t + p for t, p in zip(totals, parts, strict=True)]
+    assert totals is not None  # block_ranges yields at least one range
+    return totals
