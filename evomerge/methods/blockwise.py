@@ -56,6 +56,12 @@ class Elementwise:
         return out
 
 
+def as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean tensor as 0/1 in ``dtype``, through its bytes (bool -> float32 directly is
+    ~6x slower on CPU)."""
+    return mask.view(torch.uint8).to(dtype)
+
+
 def linear_combination(
     inputs: list[torch.Tensor], coefficients: list[float], dtype: torch.dtype
 ) -> Elementwise:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from evomerge.methods.blockwise import block_sums
+from evomerge.methods.blockwise import as_float, block_sums
 from evomerge.methods.registry import work_dtype
 
 _SAMPLE = 65536  # entries sampled to bracket the threshold
@@ -181,8 +181,8 @@ def rescale_factor(
     dtype = work_dtype(base)
 
     def norms(b, x, kept):
-        d = x.to(dtype, copy=True).sub_(b).abs_()
-        return [d.sum(), d.mul_(kept).sum()]
+        d = x.to(dtype, copy=True).sub_(b.to(dtype)).abs_()
+        return [d.sum(), d.mul_(as_float(kept, dtype)).sum()]  # the same order of addition
 
     before, after = block_sums(norms, [base, x, kept])
     return before / after if before >= 1e-7 and after >= 1e-7 else 1.0

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.methods import sparsify as sp
-from evomerge.methods.blockwise import Elementwise, linear_combination
+from evomerge.methods.blockwise import Elementwise, as_float, linear_combination
 from evomerge.methods.registry import BasePolicy, MergeMethod, Param, Scope, register, work_dtype
 
 RESCALE_MODES = ("l1", "inverse_density", "none")
@@ -57,7 +57,7 @@ def combine(
         s = lam / (total if normalize and abs(total) >= 1e-8 else 1.0)
         return linear_combination([base, *tensors], [1 - s * total] + [s * w for w in weights], dtype)
     mode = params.get("rescale_norm", "l1") if params.get("rescale", family.rescale) else "none"
-    masks = [_keep_mask(family.drop, base, x, i, per_model, generator, dtype) for i, x in enumerate(tensors)]
+    masks = _keep_masks(family.drop, base, tensors, per_model, generator, dtype)
     # each model's task vector is scaled once, by its weight times its rescale factor
     scales = [
         w * sp.rescale_factor(base, x, kept, mode, per_model["density"][i] if kept is not None else 1.0)
@@ -66,31 +66,33 @@ def combine(
     n = len(tensors)
     total = sum(weights)
 
+    # On CPU, ops mixing dtypes (bf16 with float32, bool with float32) and boolean outputs are
+    # several times slower than same-dtype float ops: everything below is float32 arithmetic.
     def merged(b: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
         b = b.to(dtype)
         deltas = []
         for x, kept, c in zip(rest[:n], rest[n:], scales, strict=True):
-            d = torch.sub(x, b)  # promotes x to the work dtype on the fly
+            d = x.to(dtype, copy=True).sub_(b)
             if kept is not None:
-                d.mul_(kept)
+                d.mul_(as_float(kept, dtype))
             deltas.append(d.mul_(c))
         mixed = deltas[0].clone() if family.elect_sign else deltas[0]
         for d in deltas[1:]:
             mixed.add_(d)
         if family.elect_sign:
-            # sign(d) == elected sign, with elected = + where the sum is >= 0; zeros never agree.
-            # (boolean torch.where is ~5x slower than these on CPU)
-            positive = mixed >= 0
-            mixed.zero_()
+            # elected sign e = +1 where the sum is >= 0, else -1; an entry agrees when its sign is
+            # e (zeros never do): clamp(d * e, min=0) is |d| where it agrees and 0 elsewhere
+            elected = mixed.sign_().add_(0.5).sign_()
+            mixed = torch.zeros_like(b)
             divisor = torch.zeros_like(b) if normalize else None
             for w, d in zip(weights, deltas, strict=True):
-                agree = (d > 0) == positive
-                agree &= d != 0
-                mixed.add_(d.mul_(agree))
+                agreeing = d.mul_(elected).clamp_(min=0)
+                mixed.add_(agreeing)
                 if divisor is not None:
-                    divisor.add_(agree.to(dtype), alpha=float(w))
-            if divisor is not None:
-                mixed.div_(divisor.masked_fill_(divisor == 0, 1))
+                    divisor.add_(agreeing.sign_(), alpha=float(w))
+            mixed.mul_(elected)
+            if divisor is not None:  # no agreeing entry: nothing to divide (0 / 1)
+                mixed.div_(divisor.add_(as_float(divisor == 0, dtype)))
         elif normalize:
             mixed.div_(total if abs(total) >= 1e-8 else 1.0)
         if lam != 1:
@@ -100,19 +102,24 @@ def combine(
     return Elementwise(merged, [base, *tensors, *masks])
 
 
-def _keep_mask(drop, base, x, i, per_model, generator, dtype) -> torch.Tensor | None:
-    """Model ``i``'s keep-mask of its task vector ``x - base`` (None: keep everything)."""
+def _keep_masks(drop, base, tensors, per_model, generator, dtype) -> list[torch.Tensor | None]:
+    """Each model's keep-mask of its task vector ``x - base`` (None: keep everything)."""
     if drop is None:
-        return None
-    density = per_model["density"][i]
+        return [None] * len(tensors)
     if drop == "random":  # independent of the values: no task vector needed
-        return sp.random_mask(x, density, generator)
-    d = torch.sub(x, base.to(dtype))  # the rank-based drops see the whole task vector
-    if drop == "magnitude":
-        return sp.magnitude_mask(d, density)
-    if drop == "outliers":
-        return sp.outlier_mask(d, density, per_model["gamma"][i])
-    return sp.della_mask(d, density, per_model["epsilon"][i], generator)
+        return [sp.random_mask(x, p, generator) for x, p in zip(tensors, per_model["density"], strict=True)]
+    b = base.to(dtype)
+    masks = []
+    for i, x in enumerate(tensors):  # the rank-based drops see the whole task vector
+        d = x.to(dtype, copy=True).sub_(b)
+        density = per_model["density"][i]
+        if drop == "magnitude":
+            masks.append(sp.magnitude_mask(d, density))
+        elif drop == "outliers":
+            masks.append(sp.outlier_mask(d, density, per_model["gamma"][i]))
+        else:
+            masks.append(sp.della_mask(d, density, per_model["epsilon"][i], generator))
+    return masks
 
 
 def _register(family: Family) -> None:
