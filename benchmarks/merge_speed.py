@@ -137,6 +137,43 @@ def timed(cmd: list[str], env: dict) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
+CHECKED = (
+    "model.embed_tokens.weight",
+    "model.layers.0.mlp.down_proj.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+)
+
+
+def exactness(recipe: dict, out: Path) -> float | None:
+    """Fraction of entries of a few output tensors equal to the correctly rounded result (the
+    method computed in float64 from the same inputs, rounded once to bf16); None for DARE,
+    whose random masks differ between the tools."""
+    from evomerge.checkpoint import CheckpointReader
+    from evomerge.methods import merge_tensors
+
+    method = recipe["merge_method"]
+    if method.startswith("dare"):
+        return None
+    base = recipe.get("base_model")
+    entries = [m for m in recipe["models"] if m["model"] != base or method == "linear"]
+    params = dict(recipe.get("parameters", {}))
+    for key in entries[0].get("parameters", {}):
+        params[key] = [m["parameters"][key] for m in entries]
+    readers = {m: CheckpointReader(m) for m in {base, *(m["model"] for m in entries)} if m}
+    merged = CheckpointReader(out)
+    equal = total = 0
+    for name in CHECKED:
+        xs = [readers[m["model"]].get(name).double() for m in entries]
+        reference = merge_tensors(method, xs, readers[base].get(name).double() if base else None, **params)
+        equal += int(torch.count_nonzero(merged.get(name) == reference.to(torch.bfloat16)))
+        total += reference.numel()
+    return equal / total
+
+
+def _percent(fraction: float | None) -> str:
+    return "n/a (random)" if fraction is None else f"{100 * fraction:.2f}%"
+
+
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -186,11 +223,15 @@ def main() -> None:
                 wall, peak = timed(cmd, env)
                 walls[tool].append(wall)
                 rss[tool].append(peak)
-                shutil.rmtree(runs / f"{name}-{tool}", ignore_errors=True)
+                if tool == "copy" or rep < args.repeat - 1:  # the last merges are checked below
+                    shutil.rmtree(runs / f"{name}-{tool}", ignore_errors=True)
                 print(
                     f"  {name:<16} {tool:<9} run {rep + 1}/{args.repeat} {wall:7.1f} s {peak:8.0f} MiB",
                     flush=True,
                 )
+        accuracy = {tool: exactness(recipe, runs / f"{name}-{tool}") for tool in ("mergekit", "evomerge")}
+        for tool in ("mergekit", "evomerge"):
+            shutil.rmtree(runs / f"{name}-{tool}", ignore_errors=True)
         med = {tool: statistics.median(w) for tool, w in walls.items()}
         ratios = [m / e for m, e in zip(walls["mergekit"], walls["evomerge"], strict=True)]
         rows.append({
@@ -200,19 +241,22 @@ def main() -> None:
             "evomerge_rss_mib": max(rss["evomerge"]),
             "speedup": med["mergekit"] / med["evomerge"], "speedup_min": min(ratios), "speedup_max": max(ratios),
             "evomerge_vs_copy": med["evomerge"] / med["copy"], "runs_s": walls,
+            "mergekit_exact": accuracy["mergekit"], "evomerge_exact": accuracy["evomerge"],
         })  # fmt: skip
 
     header = (
         "| recipe | mergekit-yaml s | evomerge s | speedup | speedup per run | mergekit peak MiB | "
-        "evomerge peak MiB | copy floor s | evomerge / copy | evomerge GB/s | copy GB/s |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "evomerge peak MiB | copy floor s | evomerge / copy | evomerge GB/s | copy GB/s | "
+        "mergekit exact | evomerge exact |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [
         f"| {r['recipe']} | {r['mergekit_s']:.1f} | {r['evomerge_s']:.1f} | {r['speedup']:.2f}x | "
         f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}x | "
         f"{r['mergekit_rss_mib']:.0f} | {r['evomerge_rss_mib']:.0f} | {r['copy_s']:.1f} | "
         f"{r['evomerge_vs_copy']:.2f}x | {r['bytes_moved'] / r['evomerge_s'] / 1e9:.2f} | "
-        f"{r['bytes_moved'] / r['copy_s'] / 1e9:.2f} |"
+        f"{r['bytes_moved'] / r['copy_s'] / 1e9:.2f} | {_percent(r['mergekit_exact'])} | "
+        f"{_percent(r['evomerge_exact'])} |"
         for r in rows
     ]
     table = "\n".join([header, *lines])
@@ -222,7 +266,9 @@ Synthetic Llama-shaped bf16 checkpoints: hidden {args.hidden}, {args.layers} lay
 {args.vocab}, {size / 1e9:.2f} GB per model. Every run is a fresh process (start-up included),
 wall-clock seconds, median of {args.repeat} runs per tool, each started after `sync` (no dirty pages
 left by the run before); "speedup per run" is the range of mergekit / evomerge within each
-repetition. Peak RSS from wait4 (the largest of the runs). "copy floor": a process that copies
+repetition. Peak RSS from wait4 (the largest of the runs). "exact": the share of entries of
+three tensors (the embedding, layer 0's down and q projections) equal to the correctly rounded
+result, that is the method computed in float64 from the same inputs and rounded once to bf16. "copy floor": a process that copies
 every input tensor into memory and writes one output checkpoint, the bytes a merge must move.
 GB/s = (inputs + output) bytes / wall.
 
