@@ -22,6 +22,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -125,16 +126,34 @@ def recipes(m: dict[str, Path]) -> dict[str, dict]:
     }  # fmt: skip
 
 
+# Peak RSS comes from wait4 in a minimal launcher (python -S, ~10 MB): the kernel carries a
+# process's peak over exec, so a child forked straight from this (larger) process would report
+# at least this process's own peak.
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def timed(cmd: list[str], env: dict) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one child process, started with no dirty pages."""
+    """Wall seconds and peak RSS (MiB) of one command, started with no dirty pages."""
     os.sync()
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        peak, log = Path(tmp) / "peak", Path(tmp) / "stderr"
+        start = time.perf_counter()
+        with open(log, "wb") as err:
+            launch = [sys.executable, "-S", "-c", LAUNCHER, str(peak), *cmd]
+            code = subprocess.call(launch, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        wall = time.perf_counter() - start
+        if code != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read_text()[-2000:]}")
+        return wall, int(peak.read_text()) / 1024
 
 
 CHECKED = (

@@ -44,11 +44,10 @@ class Elementwise:
     fn: Callable[..., torch.Tensor]
     inputs: list[torch.Tensor | None]
 
-    def materialize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The result in ``dtype``, written block by block into ``out`` (allocated if None)."""
+    def materialize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The result in ``dtype``, written block by block."""
         first = self.inputs[0]
-        if out is None:
-            out = torch.empty(first.shape, dtype=dtype, device=first.device)
+        out = torch.empty(first.shape, dtype=dtype, device=first.device)
         flats = [_flat(x) for x in self.inputs]
         target = out.view(-1)
         for r in block_ranges(first.numel(), first.device):
