@@ -142,6 +142,14 @@ def merge(
     ] = None,
     shard_size: Annotated[str, typer.Option(help="Largest shard file, e.g. 5GB or 500MB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
+    direct_io: Annotated[
+        bool,
+        typer.Option(
+            help="Write shards with O_DIRECT where the filesystem supports it (the output does not "
+            "fill the page cache); --no-direct-io writes through the page cache, which can finish "
+            "sooner for a small model on a slow disk."
+        ),
+    ] = True,
 ) -> None:
     """Merge models as a recipe says and write a Hugging Face checkpoint.
 
@@ -173,6 +181,7 @@ def merge(
             relative_to=recipe.resolve().parent,
             max_shard_bytes=_parse_size(shard_size),
             overwrite=overwrite,
+            direct_io=direct_io,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     out.print(f"wrote {out_dir}")

@@ -341,10 +341,11 @@ def merge(
     overwrite: bool = False,
     relative_to: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    direct_io: bool = True,
 ) -> Path:
     """Merge into a new checkpoint directory (atomic: complete or absent). Relative model
     paths that do not exist from the current directory are looked up in ``relative_to``
-    (default: the recipe file's folder)."""
+    (default: the recipe file's folder). ``direct_io``: see :class:`CheckpointWriter`."""
     recipe, folder = _recipe(recipe)
     folder = Path(relative_to) if relative_to else folder
     plan = plan_merge(recipe, relative_to=folder)
@@ -360,6 +361,7 @@ def merge(
         tokenizer_from=plan.tokenizer_source,
         config_updates=updates,
         overwrite=overwrite,
+        direct_io=direct_io,
         **kwargs,
     ) as writer:
         execute(plan, writer.add, device=device, progress=progress)

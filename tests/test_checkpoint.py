@@ -1,5 +1,7 @@
 import json
+import os
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,6 +10,7 @@ from safetensors.torch import save_file
 
 from evomerge.checkpoint import CheckpointReader, CheckpointWriter
 from evomerge.checkpoint.reader import INDEX_FILE, SINGLE_FILE
+from evomerge.checkpoint.writer import _SequentialFile
 from evomerge.errors import EvomergeError
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool]
@@ -232,3 +235,41 @@ def test_a_shard_truncated_after_opening_is_a_clear_error(tmp_path):
         f.truncate(size - 100)
     with pytest.raises(EvomergeError, match=r"model.safetensors: tensor '\w' is truncated"):
         r.get("a"), r.get("b")
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_sequential_file_writes_every_byte_in_order(tmp_path, monkeypatch, direct_io):
+    # a 12 KiB stage: writes cross it, fill it exactly, and leave a partial last block
+    monkeypatch.setattr(_SequentialFile, "STAGE", 3 * 4096)
+    rng = np.random.default_rng(0)
+    chunks = [rng.integers(0, 256, n, dtype=np.uint8) for n in (5, 4091, 12288, 1, 30000, 7, 0, 8192)]
+    f = _SequentialFile(tmp_path / "x", direct_io)
+    if direct_io and f.direct is None:
+        pytest.skip("this filesystem has no O_DIRECT")
+    assert (f.direct is not None) == direct_io
+    for c in chunks:
+        f.write(c)
+    f.close()
+    assert (tmp_path / "x").read_bytes() == b"".join(c.tobytes() for c in chunks)
+
+
+def test_sequential_file_falls_back_when_direct_writes_fail(tmp_path, monkeypatch):
+    monkeypatch.setattr(_SequentialFile, "STAGE", 2 * 4096)
+    f = _SequentialFile(tmp_path / "x", True)
+    if f.direct is None:
+        pytest.skip("this filesystem has no O_DIRECT")
+    real = os.pwrite
+    refused = f.direct
+
+    def pwrite(fd, data, offset):
+        if fd == refused and offset > 0:  # the first stage goes out direct, then EINVAL
+            raise OSError(22, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    data = np.arange(30000, dtype=np.uint32).view(np.uint8)
+    f.write(data[:5000])
+    f.write(data[5000:])
+    f.close()
+    assert f.direct is None
+    assert (tmp_path / "x").read_bytes() == data.tobytes()
