@@ -295,8 +295,8 @@ GB/s = (inputs + output) bytes / wall.
 
 mergekit {_version("mergekit")}, evomerge {_version("evomerge")}, torch {torch.__version__},
 {platform.machine()} with {os.cpu_count()} CPUs, page cache warm (the copy floor runs first).
-evomerge and the copy floor keep freed memory in the heap (`evomerge/allocator.py`), which
-halves the cost of the large temporaries a merge allocates; mergekit runs as installed.
+evomerge and the copy floor keep freed memory in the heap (`evomerge/allocator.py`) and write
+shards with O_DIRECT (`evomerge/checkpoint/writer.py`); mergekit runs as installed.
 Produced by `python benchmarks/merge_speed.py` on {date.today()}.
 """
     args.out.parent.mkdir(parents=True, exist_ok=True)
