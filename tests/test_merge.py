@@ -83,6 +83,27 @@ def test_merge_cli_writes_a_checkpoint_transformers_loads_offline(zoo, tmp_path)
     expected = merge_to_state_dict(ties_recipe(zoo, dtype="float32", out_dtype="bfloat16"))
     reader = CheckpointReader(out)
     assert all(torch.equal(reader.get(n), expected[n]) for n in expected)
+    # written through the page cache instead of O_DIRECT: the same bytes
+    plain = tmp_path / "plain"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evomerge",
+            "merge",
+            str(recipe),
+            str(plain),
+            "--shard-size",
+            "1MB",
+            "--no-direct-io",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert shards == sorted(p.name for p in plain.glob("*.safetensors")) and len(shards) > 1
+    assert all((out / s).read_bytes() == (plain / s).read_bytes() for s in shards)
 
 
 def test_merge_into_a_resident_model_updates_parameters_in_place(quick_zoo):
