@@ -130,6 +130,28 @@ def test_an_interrupted_write_leaves_nothing_that_looks_complete(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the partial directory is gone too
 
 
+def test_an_aborted_streamed_write_is_removed_even_when_the_disk_is_full(tmp_path, monkeypatch):
+    # abort discards what is staged for the shard instead of writing it: a write failing with
+    # ENOSPC at that point must not keep the partial directory (or hide the original error)
+    out = tmp_path / "ckpt"
+    tensors = sample_tensors()
+    layout = [(n, t.shape, t.dtype) for n, t in tensors.items()]
+
+    class Boom(Exception):
+        pass
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(Boom), CheckpointWriter(out, layout=layout) as w:
+        for name, t in list(tensors.items())[:3]:
+            w.add(name, t)
+        monkeypatch.setattr(os, "pwrite", full)
+        raise Boom()
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_existing_directory_is_refused_unless_overwrite(tmp_path):
     out = write(tmp_path, sample_tensors(0))
     with pytest.raises(EvomergeError, match="already exists"):

@@ -105,10 +105,12 @@ class _SequentialFile:
             self.stage, self.fill = None, 0
             self._write_plain(memoryview(rest))
 
-    def close(self) -> None:
+    def close(self, discard: bool = False) -> None:
+        """Write what is staged (unless ``discard``: the file is being thrown away) and close."""
         if self.stage is not None:
-            self._flush(self.fill - self.fill % self.ALIGN)
-            if self.fill:  # the last partial block: through the page cache
+            if not discard:
+                self._flush(self.fill - self.fill % self.ALIGN)
+            if self.fill and not discard:  # the last partial block: through the page cache
                 self._write_plain(memoryview(self.stage)[: self.fill])
             self.stage.close()
             self.stage = None
@@ -154,8 +156,8 @@ class _StreamedShard:
     def done(self) -> bool:
         return self.next == len(self.entries)
 
-    def close(self) -> None:
-        self.file.close()
+    def close(self, discard: bool = False) -> None:
+        self.file.close(discard)
 
 
 # Files copied when present: the model's config from `metadata_from`, the tokenizer's
@@ -331,7 +333,7 @@ class CheckpointWriter:
         self._closed = True
         self._pending.clear()
         for stream in self._streams:
-            stream.close()
+            stream.close(discard=True)  # nothing more is written: a full disk cannot stop the clean-up
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> CheckpointWriter:
