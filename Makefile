@@ -36,6 +36,7 @@ bench: setup
 	$(PY) benchmarks/optimizer_efficiency.py
 	$(PY) benchmarks/search_throughput.py
 	$(PY) benchmarks/merge_speed.py
+	$(PY) benchmarks/resident_merge.py
 
 lint: setup
 	$(VENV)/bin/ruff check evomerge tests benchmarks

@@ -248,6 +248,13 @@ class Sink(Protocol):
     def __call__(self, name: str, tensor: torch.Tensor) -> None: ...
 
 
+class ResidentSink(Sink, Protocol):
+    """A sink that owns a tensor for each output: the merge may write straight into it (and then
+    passes that very tensor to ``__call__``)."""
+
+    def destination(self, name: str) -> torch.Tensor | None: ...
+
+
 def tensor_seed(seed: int, name: str) -> int:
     """Seed of one tensor's random draws: independent of merge order and device count."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
@@ -262,14 +269,20 @@ def execute(
 ) -> None:
     """Merge every tensor of the plan and pass it to ``sink(name, tensor)``."""
     device = torch.device(device)
+    destination = getattr(sink, "destination", None)
     for i, job in enumerate(plan.jobs):
-        sink(job.out_name, merge_job(plan, job, device))
+        out = destination(job.out_name) if destination else None
+        sink(job.out_name, merge_job(plan, job, device, out=out))
         if progress:
             progress(i + 1, len(plan.jobs))
 
 
-def merge_job(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Tensor:
-    """One output tensor of the plan, computed on ``device``."""
+def merge_job(
+    plan: MergePlan, job: TensorJob, device: torch.device, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One output tensor of the plan, computed on ``device``. Where the method's result is
+    elementwise and ``out`` has the result's shape, dtype and device (and is contiguous), it is
+    written into ``out`` and ``out`` is returned; otherwise a new tensor."""
     recipe = plan.recipe
     compute = TORCH_DTYPES.get(recipe.dtype) if recipe.dtype else None
     out_dtype = TORCH_DTYPES.get(recipe.out_dtype or recipe.dtype or "") or None
@@ -293,7 +306,14 @@ def merge_job(plan: MergePlan, job: TensorJob, device: torch.device) -> torch.Te
     with torch.no_grad():
         merged = plan.method.fn(base, tensors, job.per_model, job.shared, generator)
         if isinstance(merged, Elementwise):  # evaluated block by block into the output dtype
-            return merged.materialize(out_dtype or original)
+            dtype = out_dtype or original
+            first = merged.inputs[0]
+            fits = (
+                out is not None
+                and out.is_contiguous()
+                and (out.shape, out.dtype, out.device) == (first.shape, dtype, first.device)
+            )
+            return merged.materialize(dtype, out if fits else None)
     return merged.to(out_dtype or original)
 
 
@@ -376,7 +396,8 @@ def merge_to_state_dict(recipe: Recipe | str | Path, *, device: str = "cpu") -> 
 
 
 class ModelSink:
-    """Copies merged tensors into a resident model's parameters in place (no reallocation)."""
+    """Writes merged tensors into a resident model's parameters in place (no reallocation):
+    elementwise methods write straight into them, the others are copied in."""
 
     def __init__(self, model: torch.nn.Module):
         self.targets = dict(model.named_parameters())
@@ -389,9 +410,13 @@ class ModelSink:
             raise EvomergeError(f"the resident model has no parameter {name!r}")
         if target.shape != tensor.shape:
             raise EvomergeError(f"{name}: merged shape {list(tensor.shape)} != model's {list(target.shape)}")
-        with torch.no_grad():
-            target.copy_(tensor)
+        if tensor is not target:  # (merged straight into it otherwise)
+            with torch.no_grad():
+                target.copy_(tensor)
         self.written.add(name)
+
+    def destination(self, name: str) -> torch.Tensor | None:
+        return self.targets.get(name)
 
 
 def merge_into_model(
@@ -400,7 +425,7 @@ def merge_into_model(
     *,
     readers: dict[str, TensorSource] | None = None,
 ) -> MergePlan:
-    """Merge straight into ``model``'s parameters on their device (``param.copy_``); see
+    """Merge straight into ``model``'s parameters on their device, in place; see
     :func:`plan_merge` for ``readers``."""
     recipe, folder = _recipe(recipe)
     plan = plan_merge(recipe, relative_to=folder, readers=readers)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.checkpoint import CheckpointReader, CheckpointWriter
 from evomerge.errors import EvomergeError
-from evomerge.merge import merge, merge_into_model, merge_to_state_dict, plan_merge
+from evomerge.merge import ModelSink, merge, merge_into_model, merge_to_state_dict, plan_merge
 from evomerge.methods import merge_tensors
 from evomerge.recipe import MergeRecipe
 from evomerge.zoo.table import load_state
@@ -119,6 +119,44 @@ def test_merge_into_a_resident_model_updates_parameters_in_place(quick_zoo):
     opened = dict(readers)
     merge_into_model(recipe, model, readers=readers)  # checkpoints stay open across merges
     assert readers == opened and all(readers[k] is opened[k] for k in opened)
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "slerp", "model_stock"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merging_into_a_model_writes_elementwise_results_straight_into_its_parameters(
+    quick_zoo, method, dtype, monkeypatch
+):
+    # where the result's dtype is the parameter's, an elementwise method (linear, TIES, SLERP)
+    # writes into the parameter itself; otherwise (model_stock, or a model held in another
+    # dtype) the result is made apart and copied in. Either way: the tensors of a plain merge.
+    experts = [str(quick_zoo.model(m)) for m in ("add", "rev")]
+    data = {"merge_method": method, "base_model": str(quick_zoo.model("base"))}
+    if method == "slerp":
+        data.update(models=[{"model": experts[0]}], parameters={"t": 0.3})
+    elif method == "model_stock":
+        data.update(models=[{"model": m} for m in experts])
+    else:
+        params = {"weight": 0.6, "density": 0.5} if method == "ties" else {"weight": 0.6}
+        data.update(models=[{"model": m, "parameters": params} for m in experts])
+        if method == "linear":  # (a weighted average of the experts alone)
+            del data["base_model"]
+    recipe = MergeRecipe.parse(data)
+    model = AutoModelForCausalLM.from_pretrained(quick_zoo.model("base"), dtype=dtype)
+    received = []
+    call = ModelSink.__call__
+
+    def record(self, name, tensor):
+        received.append(tensor is self.targets[name])
+        call(self, name, tensor)
+
+    monkeypatch.setattr(ModelSink, "__call__", record)
+    merge_into_model(recipe, model)
+    expected = merge_to_state_dict(recipe)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.data, expected[n].to(dtype)), n
+    stored = next(iter(expected.values())).dtype
+    assert all(received) == (method != "model_stock" and dtype == stored)
+    assert any(received) == (method != "model_stock" and dtype == stored)
 
 
 def test_tokenizer_source_picks_which_model_the_tokenizer_comes_from(quick_zoo, tmp_path):

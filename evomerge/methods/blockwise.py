@@ -44,10 +44,14 @@ class Elementwise:
     fn: Callable[..., torch.Tensor]
     inputs: list[torch.Tensor | None]
 
-    def materialize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The result in ``dtype``, written block by block."""
+    def materialize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The result in ``dtype``, written block by block into ``out`` (a contiguous tensor of
+        the inputs' shape, dtype and device) or into a new tensor."""
         first = self.inputs[0]
-        out = torch.empty(first.shape, dtype=dtype, device=first.device)
+        if out is None:
+            out = torch.empty(first.shape, dtype=dtype, device=first.device)
+        elif out.shape != first.shape or out.dtype != dtype or out.device != first.device:
+            raise ValueError(f"out is {out.dtype} {list(out.shape)} on {out.device}")
         flats = [_flat(x) for x in self.inputs]
         target = out.view(-1)
         for r in block_ranges(first.numel(), first.device):
