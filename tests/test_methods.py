@@ -373,3 +373,59 @@ def test_top_k_mask_on_large_tensors_matches_a_full_sort():
         expected = torch.zeros(values.numel(), dtype=torch.bool)
         expected[torch.argsort(values, descending=True, stable=True)[:k]] = True
         assert torch.equal(top_k_mask(values, k), expected), k
+
+
+def _sorted_top(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest by a full stable sort (ties: lowest index first)."""
+    mask = torch.zeros(values.numel(), dtype=torch.bool)
+    mask[torch.argsort(values, descending=True, stable=True)[:k]] = True
+    return mask
+
+
+@pytest.mark.parametrize("slack", [0.01, 0.0])  # 0: the bracket usually misses, the fallback runs
+def test_rank_rules_applied_block_by_block_match_a_full_sort(slack, monkeypatch):
+    # bf16 inputs: the task vectors' magnitudes take few distinct values (many ties), and
+    # 700K entries in blocks of 4099 take the sampled-bracket path with positions across blocks
+    monkeypatch.setattr(blockwise, "BLOCK", 4099)
+    monkeypatch.setattr(sparsify, "_SLACK", slack)
+    g = torch.Generator().manual_seed(1)
+    base = (torch.randn(700, 1000, generator=g) * 0.02).bfloat16()
+    x = (base.float() + torch.randn(700, 1000, generator=g) * 0.002).bfloat16()
+    magnitude = sparsify.task_vector_magnitude(base, x)
+    flat = (x.float() - base.float()).abs().reshape(-1)
+    assert flat.unique().numel() < flat.numel() / 50  # heavy ties
+    n = flat.numel()
+    for density in [0.001, 0.3, 0.5, 0.9]:
+        k = sparsify.keep_count(n, density)
+        got = sparsify.magnitude_rule(magnitude, density).mask().reshape(-1)
+        assert torch.equal(got, _sorted_top(flat, k)), density
+    keep, outliers = int(0.5 * n), int(0.01 * n)
+    got = sparsify.outlier_rule(magnitude, 0.5, 0.01).mask().reshape(-1)
+    assert torch.equal(got, _sorted_top(flat, keep + outliers) & ~_sorted_top(flat, outliers))
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "breadcrumbs"])
+def test_rank_based_merges_of_large_tensors_do_not_depend_on_the_block_size(method, monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    base = (torch.randn(600, 1000, generator=g) * 0.02).bfloat16()
+    xs = [(base.float() + torch.randn(600, 1000, generator=g) * 0.002).bfloat16() for _ in range(2)]
+    params = {"weight": [0.7, 0.5], "density": [0.5, 0.3]}
+    whole = merge_tensors(method, xs, base, **params)
+    monkeypatch.setattr(blockwise, "BLOCK", 4099)
+    assert torch.equal(merge_tensors(method, xs, base, **params), whole)
+    # the same masks, made whole and applied to the experts beforehand, give the same merge
+    # through the undropped counterparts (TIES, DARE-linear at density 1)
+    deltas = [x.float() - base.float() for x in xs]
+    if method == "ties":
+        masks = [sparsify.magnitude_mask(d, p) for d, p in zip(deltas, params["density"], strict=True)]
+    else:
+        masks = [sparsify.outlier_mask(d, p, 0.01) for d, p in zip(deltas, params["density"], strict=True)]
+    kept = [torch.where(m, x, base) for m, x in zip(masks, xs, strict=True)]
+    if method == "breadcrumbs":
+        undropped = merge_tensors(
+            "dare_linear", kept, base, weight=params["weight"], density=[1.0, 1.0], seed=0
+        )
+    else:
+        normalize = METHODS[method].param("normalize").default
+        undropped = merge_tensors("ties", kept, base, weight=params["weight"], normalize=normalize)
+    assert torch.equal(undropped, whole)

@@ -32,17 +32,32 @@ def block_ranges(numel: int, device: torch.device) -> Iterator[slice]:
         yield slice(start, min(start + step, numel))
 
 
-def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else x.reshape(-1)
-
-
 @dataclass
 class Elementwise:
     """``fn(*blocks)`` applied to aligned flat blocks of ``inputs`` (None stays None) gives the
-    same block of the result, computed in the work dtype. ``inputs[0]`` fixes shape and device."""
+    same block of the result, computed in the work dtype. ``inputs[0]`` fixes shape and device.
+    With ``positional``, ``fn`` also gets the block's flat range first: ``fn(range, *blocks)``."""
 
     fn: Callable[..., torch.Tensor]
     inputs: list[torch.Tensor | None]
+    positional: bool = False
+
+    @property
+    def numel(self) -> int:
+        return self.inputs[0].numel()
+
+    def blocks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Every block of the result (in the work dtype) with its flat range, in order."""
+        first = self.inputs[0]
+        flats = [None if x is None else x.reshape(-1) for x in self.inputs]
+        for r in block_ranges(first.numel(), first.device):
+            blocks = [None if x is None else x[r] for x in flats]
+            yield r, self.fn(r, *blocks) if self.positional else self.fn(*blocks)
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """The entries at flat positions ``index`` (for functions that ignore positions)."""
+        assert not self.positional
+        return self.fn(*[None if x is None else x.reshape(-1)[index] for x in self.inputs])
 
     def materialize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """The result in ``dtype``, written block by block into ``out`` (a contiguous tensor of
@@ -52,10 +67,9 @@ class Elementwise:
             out = torch.empty(first.shape, dtype=dtype, device=first.device)
         elif out.shape != first.shape or out.dtype != dtype or out.device != first.device:
             raise ValueError(f"out is {out.dtype} {list(out.shape)} on {out.device}")
-        flats = [_flat(x) for x in self.inputs]
         target = out.view(-1)
-        for r in block_ranges(first.numel(), first.device):
-            target[r].copy_(self.fn(*[None if x is None else x[r] for x in flats]))
+        for r, block in self.blocks():
+            target[r].copy_(block)
         return out
 
 
@@ -79,13 +93,15 @@ def linear_combination(
     return Elementwise(fn, list(inputs))
 
 
-def block_sums(fn: Callable[..., list[torch.Tensor]], inputs: list[torch.Tensor | None]) -> list[float]:
-    """Sums over all entries of the reductions ``fn(*blocks)`` returns (each a 0-d tensor of
-    one block), accumulated across blocks in double precision."""
-    flats = [_flat(x) for x in inputs]
+def block_sums(
+    fn: Callable[..., list[torch.Tensor]], inputs: list[torch.Tensor | None], positional: bool = False
+) -> list[float]:
+    """Sums over all entries of the reductions ``fn(*blocks)`` (``fn(range, *blocks)`` with
+    ``positional``) returns, each a 0-d tensor of one block, accumulated across blocks in double
+    precision."""
     totals: list[float] | None = None
-    for r in block_ranges(flats[0].numel(), flats[0].device):
-        parts = [float(p) for p in fn(*[None if x is None else x[r] for x in flats])]
+    for _, block in Elementwise(fn, inputs, positional).blocks():
+        parts = [float(p) for p in block]
         totals = parts if totals is None else [t + p for t, p in zip(totals, parts, strict=True)]
     assert totals is not None  # block_ranges yields at least one range
     return totals

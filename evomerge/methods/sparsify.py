@@ -1,60 +1,122 @@
 """Sparsification of a task vector (expert - base): the "drop" step of TIES, DARE,
-Breadcrumbs and DELLA. Each function returns a keep-mask; rescaling is separate.
+Breadcrumbs and DELLA. Each returns what to keep; rescaling is separate.
 
-Magnitude selections never sort: a k-th-largest threshold is found by selection, first in
-a narrow band bracketed from a small sample, falling back to ``kthvalue`` over everything
-when the bracket misses (the result is exact either way). DELLA alone ranks, because its
-keep probability depends on each entry's rank within its row.
+TIES and Breadcrumbs keep entries by magnitude rank. Their selections never sort and never
+hold a full-size task vector: :func:`top_k` finds the k-th largest magnitude by selection in a
+narrow band bracketed from a small sample (falling back to ``kthvalue`` over everything when
+the bracket misses; the result is exact either way), and the keep-mask is a rule (:class:`Ranked`)
+that the merge applies block by block. DARE's masks are random draws (one byte per entry).
+DELLA alone ranks, because its keep probability depends on each entry's rank within its row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from evomerge.methods.blockwise import as_float, block_sums
+from evomerge.methods.blockwise import Elementwise, as_float, block_sums
 from evomerge.methods.registry import work_dtype
 
 _SAMPLE = 65536  # entries sampled to bracket the threshold
 _SLACK = 0.01  # bracket width around the target quantile, as a fraction of the sample
 
 
-def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` largest entries of a 1-D tensor; among equal values at the
-    threshold, the lowest indices win (so top_k_mask(v, a) contains top_k_mask(v, b) for a > b)."""
-    n = values.numel()
+@dataclass(frozen=True)
+class TopK:
+    """The ``k`` largest entries of a flat tensor, as a rule that any block can apply: entries
+    above ``value``, and of those equal to it the ones before flat index ``cut`` (among equal
+    values the lowest indices win, so the top a contain the top b for a > b)."""
+
+    value: torch.Tensor  # 0-d, in the magnitudes' dtype
+    cut: int
+
+    def block(self, values: torch.Tensor, r: slice) -> torch.Tensor:
+        """The rule on ``values``, the entries ``r`` of the tensor it was found on."""
+        if r.stop <= self.cut:
+            return values >= self.value
+        keep = values > self.value
+        if r.start < self.cut:
+            head = slice(0, self.cut - r.start)
+            keep[head] |= values[head] == self.value
+        return keep
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A keep-rule by magnitude rank: the ``upper`` largest entries of ``magnitude`` except the
+    ``lower`` largest (None: except none). Applied block by block, so a TIES or Breadcrumbs
+    merge never holds a full-size task vector, magnitude or mask."""
+
+    magnitude: Elementwise  # |task vector|, a function of the merge's inputs
+    upper: TopK
+    lower: TopK | None = None
+
+    def block(self, magnitude: torch.Tensor, r: slice) -> torch.Tensor:
+        keep = self.upper.block(magnitude, r)
+        if self.lower is not None:
+            keep &= ~self.lower.block(magnitude, r)
+        return keep
+
+    def mask(self) -> torch.Tensor:
+        """The whole rule as a boolean tensor of the magnitude's shape."""
+        like = self.magnitude.inputs[0]
+        out = torch.empty(like.shape, dtype=torch.bool, device=like.device)
+        flat = out.view(-1)
+        for r, m in self.magnitude.blocks():
+            flat[r] = self.block(m, r)
+        return out
+
+
+def top_k(magnitude: Elementwise, k: int) -> TopK:
+    """The rule keeping the ``k`` largest entries of ``magnitude``, found by selection, never a
+    sort: the k-th largest value is bracketed from a sample, one pass over the blocks counts the
+    entries above the bracket and gathers those inside it (with their positions), and
+    ``kthvalue`` over that narrow band finds it exactly. A bracket that misses, or a tensor too
+    small to sample, falls back to ``kthvalue`` over everything; the result is the same."""
+    n = magnitude.numel
+    first = magnitude.inputs[0]
     if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=values.device)
+        return TopK(torch.tensor(float("inf"), device=first.device), 0)
     if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=values.device)
-    threshold = _kth_largest(values, k)
-    mask = values > threshold
-    missing = k - int(torch.count_nonzero(mask))  # (a bool .sum() is ~25x slower on CPU)
-    if missing > 0:  # fill from the entries equal to the threshold, lowest index first
-        ties = (values == threshold).nonzero().flatten()[:missing]
-        mask[ties] = True
-    return mask
-
-
-def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    n = values.numel()
+        return TopK(torch.tensor(float("-inf"), device=first.device), n)
     if n > 8 * _SAMPLE:
-        g = torch.Generator(device=values.device).manual_seed(n)
-        sample = values[torch.randint(n, (_SAMPLE,), generator=g, device=values.device)]
+        g = torch.Generator(device=first.device).manual_seed(n)
+        sample = magnitude.gather(torch.randint(n, (_SAMPLE,), generator=g, device=first.device))
         q = 1 - k / n
-        lo_q, hi_q = max(0.0, q - _SLACK), min(1.0, q + _SLACK)
-        bracket = torch.tensor([lo_q, hi_q], device=values.device)
-        lo, hi = torch.quantile(sample.float(), bracket).to(values.dtype)
-        above = int(torch.count_nonzero(values > hi))
-        if above < k:
-            band = values[(values >= lo) & (values <= hi)]
-            need = k - above  # the need-th largest inside the band
-            if need <= band.numel():
-                return torch.kthvalue(band, band.numel() - need + 1).values
-    return torch.kthvalue(values, n - k + 1).values
+        bracket = torch.tensor([max(0.0, q - _SLACK), min(1.0, q + _SLACK)], device=first.device)
+        lo, hi = torch.quantile(sample.float(), bracket).to(sample.dtype)
+        above, values, positions = 0, [], []
+        for r, m in magnitude.blocks():
+            above += int(torch.count_nonzero(m > hi))
+            inside = ((m >= lo) & (m <= hi)).nonzero().flatten()
+            values.append(m[inside])
+            positions.append(inside.add_(r.start))
+        band = torch.cat(values)
+        need = k - above  # the need-th largest inside the band
+        if 1 <= need <= band.numel():
+            return _rule(band, torch.cat(positions), need)
+    return _rule(torch.cat([m for _, m in magnitude.blocks()]), None, k)
+
+
+def _rule(values: torch.Tensor, positions: torch.Tensor | None, need: int) -> TopK:
+    """The rule whose threshold is the ``need``-th largest of ``values``: the entries at
+    ``positions`` (increasing; None: 0, 1, ...) of a tensor whose other entries lie either above
+    all of them (as many as were counted into ``need``) or below."""
+    value = torch.kthvalue(values, values.numel() - need + 1).values
+    missing = need - int(torch.count_nonzero(values > value))  # >= 1: taken from the ties
+    ties = (values == value).nonzero().flatten()
+    last = ties[missing - 1] if positions is None else positions[ties[missing - 1]]
+    return TopK(value, int(last) + 1)
+
+
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest entries of a 1-D tensor (ties: lowest index first)."""
+    itself = Elementwise(lambda v: v, [values])
+    return Ranked(itself, top_k(itself, k)).mask()
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -62,31 +124,48 @@ def keep_count(numel: int, density: float) -> int:
     return max(1, int(density * numel))
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``density`` fraction of entries with the largest magnitude (TIES)."""
-    n = delta.numel()
+def task_vector_magnitude(base: torch.Tensor, x: torch.Tensor) -> Elementwise:
+    """|x - base| in the work dtype, block by block."""
+    dtype = work_dtype(base)
+    return Elementwise(lambda b, x: x.to(dtype, copy=True).sub_(b.to(dtype)).abs_(), [base, x])
+
+
+def magnitude_rule(magnitude: Elementwise, density: float) -> Ranked | None:
+    """TIES: keep the ``density`` fraction of entries with the largest magnitude (None: all)."""
+    n = magnitude.numel
     if density >= 1 or n == 0:
-        return torch.ones_like(delta, dtype=torch.bool)
-    if density <= 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
-    return top_k_mask(delta.abs().reshape(-1), keep_count(n, density)).reshape(delta.shape)
+        return None
+    return Ranked(magnitude, top_k(magnitude, 0 if density <= 0 else keep_count(n, density)))
 
 
-def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def outlier_rule(magnitude: Elementwise, density: float, gamma: float) -> Ranked | None:
     """Breadcrumbs: drop the largest ``gamma`` fraction (outliers) and the smallest entries,
-    keeping ``density`` of them. When both cannot hold, fewer outliers are dropped.
+    keeping ``density`` of them (None: all). When both cannot hold, fewer outliers are dropped.
 
     mergekit's older releases emptied the whole delta when floor(gamma * numel) was 0; here
     (as in mergekit 0.1.5) no outlier is dropped then, and the ``density`` largest are kept.
     """
-    n = delta.numel()
+    n = magnitude.numel
     if density >= 1 or n == 0:
-        return torch.ones_like(delta, dtype=torch.bool)
+        return None
     keep = int(density * n)
     outliers = min(int(gamma * n), n - keep)
-    magnitude = delta.abs().reshape(-1)
-    mask = top_k_mask(magnitude, keep + outliers) & ~top_k_mask(magnitude, outliers)
-    return mask.reshape(delta.shape)
+    lower = top_k(magnitude, outliers) if outliers else None
+    return Ranked(magnitude, top_k(magnitude, keep + outliers), lower)
+
+
+def _whole(rule: Ranked | None, delta: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(delta, dtype=torch.bool) if rule is None else rule.mask()
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """:func:`magnitude_rule` of a task vector, as a boolean tensor."""
+    return _whole(magnitude_rule(Elementwise(torch.abs, [delta]), density), delta)
+
+
+def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """:func:`outlier_rule` of a task vector, as a boolean tensor."""
+    return _whole(outlier_rule(Elementwise(torch.abs, [delta]), density, gamma), delta)
 
 
 def random_mask(like: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -165,7 +244,7 @@ def della_mask(
 
 
 def rescale_factor(
-    base: torch.Tensor, x: torch.Tensor, kept: torch.Tensor | None, mode: str, density: float
+    base: torch.Tensor, x: torch.Tensor, kept: torch.Tensor | Ranked | None, mode: str, density: float
 ) -> float:
     """The factor scaling the kept entries of the task vector ``x - base`` back up.
 
@@ -180,9 +259,12 @@ def rescale_factor(
         return 1 / density if 0 < density < 1 else 1.0
     dtype = work_dtype(base)
 
-    def norms(b, x, kept):
-        d = x.to(dtype, copy=True).sub_(b.to(dtype)).abs_()
-        return [d.sum(), d.mul_(as_float(kept, dtype)).sum()]  # the same order of addition
+    rule = kept if isinstance(kept, Ranked) else None
 
-    before, after = block_sums(norms, [base, x, kept])
+    def norms(r, b, x, mask):
+        d = x.to(dtype, copy=True).sub_(b.to(dtype)).abs_()
+        mask = rule.block(d, r) if rule is not None else mask
+        return [d.sum(), d.mul_(as_float(mask, dtype)).sum()]  # the same order of addition
+
+    before, after = block_sums(norms, [base, x, None if rule else kept], positional=True)
     return before / after if before >= 1e-7 and after >= 1e-7 else 1.0

@@ -44,8 +44,9 @@ def combine(
     family: Family,
 ) -> Elementwise:
     # Two phases, so that no full-size float32 temporary is needed where none is inherent:
-    # per model, a keep-mask and a rescale factor (full tensors only where the drop ranks
-    # magnitudes); then the election and the sum, elementwise, block by block.
+    # per model, what to keep (a rank rule, a random mask, or DELLA's mask, the only one that
+    # needs the whole task vector) and a rescale factor; then the drop, the election and the
+    # sum, elementwise, block by block.
     dtype = work_dtype(base)
     lam = params.get("lambda", 1.0)
     normalize = params.get("normalize", family.normalize)
@@ -65,14 +66,18 @@ def combine(
     ]
     n = len(tensors)
     total = sum(weights)
+    rules = [m if isinstance(m, sp.Ranked) else None for m in masks]  # applied block by block
+    stored = [None if isinstance(m, sp.Ranked) else m for m in masks]
 
     # On CPU, ops mixing dtypes (bf16 with float32, bool with float32) and boolean outputs are
     # several times slower than same-dtype float ops: everything below is float32 arithmetic.
-    def merged(b: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
+    def merged(r: slice, b: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
         b = b.to(dtype)
         deltas = []
-        for x, kept, c in zip(rest[:n], rest[n:], scales, strict=True):
+        for x, kept, rule, c in zip(rest[:n], rest[n:], rules, scales, strict=True):
             d = x.to(dtype, copy=True).sub_(b)
+            if rule is not None:  # (the magnitudes it was found on, computed the same way)
+                kept = rule.block(d.abs(), r)
             if kept is not None:
                 d.mul_(as_float(kept, dtype))
             deltas.append(d.mul_(c))
@@ -99,27 +104,32 @@ def combine(
             mixed.mul_(lam)
         return mixed.add_(b)
 
-    return Elementwise(merged, [base, *tensors, *masks])
+    return Elementwise(merged, [base, *tensors, *stored], positional=True)
 
 
-def _keep_masks(drop, base, tensors, per_model, generator, dtype) -> list[torch.Tensor | None]:
-    """Each model's keep-mask of its task vector ``x - base`` (None: keep everything)."""
+def _keep_masks(drop, base, tensors, per_model, generator, dtype) -> list[torch.Tensor | sp.Ranked | None]:
+    """Each model's keep-mask of its task vector ``x - base``: a boolean tensor, a rank rule
+    applied block by block, or None (keep everything)."""
     if drop is None:
         return [None] * len(tensors)
+    densities = per_model["density"]
     if drop == "random":  # independent of the values: no task vector needed
-        return [sp.random_mask(x, p, generator) for x, p in zip(tensors, per_model["density"], strict=True)]
-    b = base.to(dtype)
-    masks = []
-    for i, x in enumerate(tensors):  # the rank-based drops see the whole task vector
-        d = x.to(dtype, copy=True).sub_(b)
-        density = per_model["density"][i]
-        if drop == "magnitude":
-            masks.append(sp.magnitude_mask(d, density))
-        elif drop == "outliers":
-            masks.append(sp.outlier_mask(d, density, per_model["gamma"][i]))
-        else:
-            masks.append(sp.della_mask(d, density, per_model["epsilon"][i], generator))
-    return masks
+        return [sp.random_mask(x, p, generator) for x, p in zip(tensors, densities, strict=True)]
+    if drop == "magnitude":
+        return [
+            sp.magnitude_rule(sp.task_vector_magnitude(base, x), p)
+            for x, p in zip(tensors, densities, strict=True)
+        ]
+    if drop == "outliers":
+        return [
+            sp.outlier_rule(sp.task_vector_magnitude(base, x), p, gamma)
+            for x, p, gamma in zip(tensors, densities, per_model["gamma"], strict=True)
+        ]
+    b = base.to(dtype)  # DELLA ranks within rows: it sees the whole task vector
+    return [
+        sp.della_mask(x.to(dtype, copy=True).sub_(b), p, epsilon, generator)
+        for x, p, epsilon in zip(tensors, densities, per_model["epsilon"], strict=True)
+    ]
 
 
 def _register(family: Family) -> None:
