@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from evomerge import __version__
@@ -36,8 +37,10 @@ zoo_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(zoo_app, name="zoo")
-out = Console(soft_wrap=True)  # long paths stay on one line (and greppable)
-err = Console(stderr=True, soft_wrap=True)
+# long paths stay on one line (and greppable); text is printed as it is: no markup or emoji codes
+# (a message naming "models[/abs/path]" or "cuda:x:" would be rewritten)
+out = Console(soft_wrap=True, markup=False, emoji=False)
+err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
 
 
 def _version(value: bool) -> None:
@@ -158,14 +161,12 @@ def merge(
     """
     import dataclasses
 
-    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from evomerge.merge import merge as run_merge
     from evomerge.recipe import MergeRecipe, StagedRecipe, load_recipe
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvomergeError(f"--device {device}: no CUDA device is available here")
+    _check_device(device)
     parsed = load_recipe(recipe)
     if dtype is not None:
         top = parsed.final if isinstance(parsed, StagedRecipe) else parsed
@@ -208,15 +209,13 @@ def eval_cmd(
     """
     import json
 
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.checkpoint import CheckpointReader
     from evomerge.fitness import Fitness, FitnessSpec
     from evomerge.fitness.lm_eval_tasks import task_specs_from_cli
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvomergeError(f"--device {device}: no CUDA device is available here")
+    _check_device(device)
     CheckpointReader(model_dir)  # refuses pickles and non-checkpoints with a clear message
     spec = FitnessSpec(
         tasks=task_specs_from_cli(task), task_dirs=task_dir, limit=limit, batch_size=batch_size
@@ -470,6 +469,20 @@ def _demo_table(config, summary) -> None:
     )
 
 
+def _check_device(device: str) -> None:
+    """A device this machine has, or one clear error."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise EvomergeError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+    if kind not in ("cpu", "cuda"):
+        raise EvomergeError(f"--device {device}: not supported; use cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise EvomergeError(f"--device {device}: no CUDA device is available here")
+
+
 def main() -> None:
     from evomerge.allocator import keep_freed_memory
 
@@ -480,7 +493,7 @@ def main() -> None:
     try:
         app()
     except EvomergeError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True)
         sys.exit(1)
 
 

@@ -123,6 +123,10 @@ def plan_merge(
         num_layers = _plan_slices(recipe, method, readers, jobs)
     for job in jobs:
         _check_sources(job, readers)
+        labels = [model for model, _ in job.sources]
+        problem = method.validate(job.shared, job.per_model, labels) if method.validate else None
+        if problem:
+            raise EvomergeError(f"tensor {job.out_name}: {problem}")
     first = recipe.base_model or recipe.model_names()[0]
     tok = recipe.tokenizer_source
     if tok == "union":
@@ -147,8 +151,15 @@ def _split_base(method: MergeMethod, base: str | None, models: list[str], where:
 def _plan_models(recipe, method, readers, jobs) -> int:
     entries = {m.model: m.parameters for m in recipe.models}
     base, others = _split_base(method, recipe.base_model, list(entries), "models")
-    reference = readers[recipe.base_model or recipe.models[0].model]
+    reference_name = recipe.base_model or recipe.models[0].model
+    reference = readers[reference_name]
     n = reference.num_layers
+    for m in entries:  # whole models merge layer by layer: the counts must agree (as mergekit)
+        if readers[m].num_layers != n:
+            raise EvomergeError(
+                f"model {m} has {readers[m].num_layers} layers and {reference_name} has {n}: "
+                "models: merges need the same number of layers (use slices: to pick layer ranges)"
+            )
     for name in reference.names:
         layer = locate(name).layer
         t = _depth(layer, n) if layer is not None else 0.0
@@ -203,6 +214,7 @@ def _plan_slices(recipe, method, readers, jobs) -> int:
                     [sl.parameters, recipe.parameters],
                     [[src[m].parameters, sl.parameters, recipe.parameters] for m in others],
                     others,
+                    [at(m)[1] for m in others],
                 )
                 jobs.append(
                     TensorJob(out, at(base) if base else None, [at(m) for m in others], shared, per_model)
@@ -430,6 +442,12 @@ def merge_into_model(
     recipe, folder = _recipe(recipe)
     plan = plan_merge(recipe, relative_to=folder, readers=readers)
     sink = ModelSink(model)
+    for name, shape, _ in output_layout(plan):  # checked before any parameter is overwritten
+        target = sink.targets.get(name)
+        if target is None:
+            raise EvomergeError(f"the resident model has no parameter {name!r}")
+        if tuple(target.shape) != tuple(shape):
+            raise EvomergeError(f"{name}: merged shape {list(shape)} != model's {list(target.shape)}")
     device = next(model.parameters()).device
     execute(plan, sink, device=device)
     tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - set(

@@ -333,9 +333,13 @@ def resolve_all(
     shared_blocks: list[Parameters | None],
     model_blocks: list[list[Parameters | None]],
     model_labels: list[str],
+    input_names: list[str] | None = None,
 ) -> tuple[dict, dict[str, list]]:
-    """Global and per-model parameter values of one tensor. ``model_blocks[i]`` lists the
-    blocks consulted for model i, most specific first."""
+    """Global and per-model parameter values of one output tensor. ``model_blocks[i]`` lists
+    the blocks consulted for model i, most specific first. Per-model values are matched
+    against the name the tensor has in that model (``input_names[i]``; default: the output's
+    name), which differs in ``slices:`` taken from other layers, as mergekit does."""
+    names = input_names or [tensor_name] * len(model_labels)
     method = get_method(method_name)
     shared = {
         p.name: resolve(p, shared_blocks, tensor_name, t, "parameters")
@@ -344,8 +348,8 @@ def resolve_all(
     }
     per_model = {
         p.name: [
-            resolve(p, blocks, tensor_name, t, f"model {label}")
-            for blocks, label in zip(model_blocks, model_labels, strict=True)
+            resolve(p, blocks, name, t, f"model {label}")
+            for blocks, label, name in zip(model_blocks, model_labels, names, strict=True)
         ]
         for p in method.params
         if p.scope is Scope.PER_MODEL

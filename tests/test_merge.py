@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -224,6 +225,67 @@ def test_wrong_number_of_models_and_missing_models_are_clear_errors(quick_zoo, t
         plan_merge(MergeRecipe.parse(data))
 
 
+def test_della_bounds_are_checked_when_planning_naming_the_model(quick_zoo, tmp_path):
+    add = str(quick_zoo.model("add"))
+    data = {
+        "merge_method": "della",
+        "base_model": str(quick_zoo.model("base")),
+        "models": [{"model": add, "parameters": {"weight": 1.0, "density": [0.5, 0.1]}}],
+    }
+    with pytest.raises(
+        EvomergeError, match=rf"tensor model\.layers\.1\..*: model {re.escape(add)}: density 0.1"
+    ):
+        merge(MergeRecipe.parse(data), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_models_of_different_depths_are_refused_before_anything_is_written(quick_zoo, tmp_path):
+    add = CheckpointReader(quick_zoo.model("add"))
+    n = add.num_layers
+    deeper = tmp_path / "deeper"  # add with its last layer repeated
+    with CheckpointWriter(
+        deeper, metadata_from=quick_zoo.model("add"), config_updates={"num_hidden_layers": n + 1}
+    ) as w:
+        for name in add.names:
+            w.add(name, add.get(name))
+        for name in add.names:
+            if f"layers.{n - 1}." in name:
+                w.add(name.replace(f"layers.{n - 1}.", f"layers.{n}."), add.get(name))
+    data = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(quick_zoo.model("base")),
+        "models": [{"model": str(deeper), "parameters": {"weight": 1.0}}],
+    }
+    with pytest.raises(EvomergeError, match=rf"model .*deeper has {n + 1} layers and .*base has {n}"):
+        merge(MergeRecipe.parse(data), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # a resident model the recipe's output does not fit is refused before any parameter changes
+    model = AutoModelForCausalLM.from_pretrained(quick_zoo.model("base"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stack = {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": str(quick_zoo.model("add")), "layer_range": [0, n]}]},
+                   {"sources": [{"model": str(quick_zoo.model("add")), "layer_range": [n - 1, n]}]}],
+    }  # fmt: skip
+    with pytest.raises(EvomergeError, match=f"no parameter 'model.layers.{n}."):
+        merge_into_model(MergeRecipe.parse(stack), model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_cli_refuses_a_device_it_cannot_use_in_one_line(quick_zoo, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(ties_recipe(quick_zoo).to_dict()))
+    for device, why in [("meta", "not supported"), ("tpu", "not a device"), ("cuda:x", "not a device")]:
+        run = subprocess.run(
+            [sys.executable, "-m", "evomerge", "merge", str(recipe), str(tmp_path / "o"), "--device", device],
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
+        assert f"--device {device}: {why}" in run.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_failure_during_the_merge_leaves_no_output(quick_zoo, tmp_path, monkeypatch):
     calls = []
 
@@ -248,6 +310,30 @@ def test_cli_reports_bad_recipes_in_one_line(tmp_path):
     )
     assert run.returncode == 1
     assert run.stderr.strip() == f"error: {recipe}: paramters: unknown key; did you mean 'parameters'?"
+
+
+def test_cli_errors_naming_models_by_path_print_the_path(quick_zoo, tmp_path):
+    # the error names the model as models[/abs/path]: printed as text, not as console markup
+    add = str(quick_zoo.model("add"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "ties",
+                "base_model": str(quick_zoo.model("base")),
+                "models": [{"model": add, "parameters": {"weight": 1.0, "densty": 0.5}}],
+            }
+        )
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "evomerge", "merge", str(recipe), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"models[{add}]" in lines[0] and "densty" in lines[0], run.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_merge_tensors_matches_the_engine_for_one_tensor(quick_zoo):

@@ -147,6 +147,22 @@ def test_della_keeps_large_entries_more_often():
     assert mask[:100].mean() < 0.2 and mask[-100:].mean() > 0.8
 
 
+def test_della_at_density_zero_drops_everything_and_refuses_probabilities_outside_0_1():
+    # mergekit: density 0 -> no task vector; density +- epsilon must lie in (0, 1)
+    g = torch.Generator().manual_seed(0)
+    base, x = torch.randn(40, 5, generator=g), torch.randn(40, 5, generator=g)
+    assert not della_mask(x - base, 0.0, 0.15, g).any()
+    merged = merge_tensors("della_linear", [x], base, weight=[1.0], density=[0.0], epsilon=[0.0], seed=1)
+    assert torch.equal(merged, base)
+    with pytest.raises(
+        EvomergeError, match=r"tensors\[1\]: density 0.1 and epsilon 0.15 .* outside \(0, 1\)"
+    ):
+        merge_tensors("della", [x, x], base, weight=[1.0, 1.0], density=[0.5, 0.1], seed=1)
+    with pytest.raises(EvomergeError, match="density 0.9 and epsilon 0.15"):
+        merge_tensors("della", [x], base, weight=[1.0], density=[0.9], seed=1)
+    assert merge_tensors("della", [x], base, weight=[1.0], density=[0.5], seed=1).shape == base.shape
+
+
 def test_random_mask_and_rescale_with_density_one_keep_everything():
     d = torch.randn(10)
     assert random_mask(d, 1.0, None).all()

@@ -119,6 +119,21 @@ def _recipes(zoo):
             ],
             "parameters": {"t": [{"filter": "mlp", "value": 0.9}, {"value": 0.5}]},
         },
+        # per-model filters match the tensor's name in its own model (layer 1 here, written as
+        # the output's layer 0), shared ones the output's name, as in mergekit
+        "slice_filters_by_input_name": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "slices": [
+                {"sources": [{"model": base, "layer_range": [1, 2]},
+                             {"model": add, "layer_range": [1, 2], "parameters": {
+                                 "weight": [{"filter": "layers.1.", "value": 1.0}, {"value": 0.0}]}}]},
+                {"sources": [{"model": base, "layer_range": [0, 1]},
+                             {"model": add, "layer_range": [0, 1], "parameters": {
+                                 "weight": [{"filter": "layers.1.", "value": 0.5}, {"value": 0.25}]}}]},
+            ],
+            "parameters": {"lambda": [{"filter": "layers.1.", "value": 2.0}, {"value": 1.0}]},
+        },
         "passthrough_stack": {
             "merge_method": "passthrough",
             "slices": [
@@ -130,7 +145,14 @@ def _recipes(zoo):
 
 
 @pytest.mark.parametrize(
-    "case", ["gradients_and_filters", "top_level_fallback", "slices", "passthrough_stack"]
+    "case",
+    [
+        "gradients_and_filters",
+        "top_level_fallback",
+        "slices",
+        "slice_filters_by_input_name",
+        "passthrough_stack",
+    ],
 )
 def test_recipes_merge_to_the_same_tensors_as_mergekit(quick_zoo, tmp_path, case):
     recipe = _recipes(quick_zoo)[case]
@@ -142,7 +164,14 @@ def test_recipes_merge_to_the_same_tensors_as_mergekit(quick_zoo, tmp_path, case
 
 
 @pytest.mark.parametrize(
-    "case", ["gradients_and_filters", "top_level_fallback", "slices", "passthrough_stack"]
+    "case",
+    [
+        "gradients_and_filters",
+        "top_level_fallback",
+        "slices",
+        "slice_filters_by_input_name",
+        "passthrough_stack",
+    ],
 )
 def test_every_recipe_evomerge_writes_is_accepted_by_mergekit_unchanged(quick_zoo, case):
     written = MergeRecipe.parse(_recipes(quick_zoo)[case]).model_copy(

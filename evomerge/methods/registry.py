@@ -86,6 +86,10 @@ class MergeMethod:
     max_models: int | None = None
     stochastic: bool = False
     doc: str = ""
+    # a constraint across parameters: (shared, per_model, model labels) -> what is wrong, or None
+    validate: Callable[[dict, dict[str, list], list[str]], str | None] | None = field(
+        default=None, repr=False
+    )
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -160,6 +164,10 @@ def merge_tensors(
             if any(v is None for v in values) or len(values) != len(tensors):
                 raise EvomergeError(f"{method}: {p.name} needs one value per model")
             per_model[p.name] = [p.check(v, method) for v in values]
+    labels = [f"tensors[{i}]" for i in range(len(tensors))]
+    problem = m.validate(shared, per_model, labels) if m.validate else None
+    if problem:
+        raise EvomergeError(f"{method}: {problem}")
     generator = None
     if m.stochastic:
         device = (base if base is not None else tensors[0]).device

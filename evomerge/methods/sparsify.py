@@ -229,9 +229,12 @@ def della_mask(
     delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator | None
 ) -> torch.Tensor:
     """DELLA (MagPrune): within each row, the keep probability rises linearly with the
-    magnitude rank from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest)."""
+    magnitude rank from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest).
+    At density 0 nothing is kept, at 1 everything (as mergekit)."""
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
+    if density <= 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     width = rows.shape[1]
     order = torch.argsort(rows.abs(), dim=1)

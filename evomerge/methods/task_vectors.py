@@ -148,7 +148,8 @@ def _register(family: Family) -> None:
                 Scope.GLOBAL,
                 "l1",
                 choices=RESCALE_MODES,
-                doc="l1: match the L1 norm (mergekit); inverse_density: 1/density (the DARE paper)",
+                doc="l1: match the L1 norm (mergekit); inverse_density: 1/density (the DARE paper; "
+                "evomerge only: mergekit ignores this key and matches L1 norms)",
             )
         )
         params.append(Param("density", float, Scope.PER_MODEL, 1.0, 0.0, 1.0, doc="fraction of entries kept"))
@@ -161,6 +162,7 @@ def _register(family: Family) -> None:
             Param("epsilon", float, Scope.PER_MODEL, 0.15, 0.0, 1.0, doc="spread of keep probability")
         )
     stochastic = family.drop in ("random", "della")
+    validate = _della_bounds if family.drop == "della" else None
 
     def fn(base, tensors, per_model, global_params, generator):
         return combine(base, tensors, per_model, global_params, generator, family)
@@ -174,8 +176,21 @@ def _register(family: Family) -> None:
             min_models=1,
             stochastic=stochastic,
             doc=family.doc,
+            validate=validate,
         )
     )
+
+
+def _della_bounds(shared: dict, per_model: dict[str, list], labels: list[str]) -> str | None:
+    """DELLA's keep probabilities span density +- epsilon: both must be probabilities (mergekit
+    refuses the recipe otherwise, so the same recipe fails in both tools)."""
+    for label, p, e in zip(labels, per_model["density"], per_model["epsilon"], strict=True):
+        if 0 < p < 1 and not (p - e > 0 and p + e < 1):
+            return (
+                f"model {label}: density {p} and epsilon {e} give keep probabilities outside (0, 1); "
+                "choose epsilon < min(density, 1 - density)"
+            )
+    return None
 
 
 FAMILIES = [
