@@ -236,6 +236,21 @@ def test_nuslerp_weights_pick_the_endpoints():
     assert close(merge_tensors("nuslerp", [a, b], weight=[0, 1]), b, 1e-6)
 
 
+def test_nuslerp_between_orthogonal_vectors_by_hand():
+    # cos = 0, theta = pi/2: slerp(t) = sin((1-t) pi/2) a + sin(t pi/2) b, with t = w_b / (w_a + w_b)
+    a, b = T([1.0, 0.0]), T([0.0, 2.0])
+    assert close(merge_tensors("nuslerp", [a, b], weight=[1, 1]), [math.sqrt(0.5), 2 * math.sqrt(0.5)])
+    quarter = [math.sin(3 * math.pi / 8), 2 * math.sin(math.pi / 8)]  # t = 1/4
+    assert close(merge_tensors("nuslerp", [a, b], weight=[3, 1]), quarter)
+
+
+def test_multislerp_of_orthogonal_vectors_by_hand():
+    # the weighted mean direction (tangents cancel for equal weights), scaled by the weighted
+    # mean of the norms: 0.5 * 2 + 0.5 * 1 = 1.5
+    out = merge_tensors("multislerp", [T([2.0, 0.0]), T([0.0, 1.0])], weight=[1, 1])
+    assert close(out, [1.5 * math.sqrt(0.5), 1.5 * math.sqrt(0.5)], 1e-5)
+
+
 def test_multislerp_and_karcher_of_identical_tensors_return_them():
     x = torch.randn(6, 3)
     assert close(merge_tensors("multislerp", [x, x, x], weight=[1, 2, 3]), x, 1e-5)
@@ -264,6 +279,27 @@ def test_model_stock_with_orthogonal_task_vectors_returns_the_base():
 def test_sce_of_a_single_expert_is_the_expert():
     base, x = torch.randn(10), torch.randn(10)
     assert close(merge_tensors("sce", [x], base), x, 1e-5)
+
+
+def test_sce_by_hand_with_and_without_variance_selection():
+    base = torch.zeros(4)
+    x1, x2 = T([1.0, 2.0, 0.0, -3.0]), T([1.0, -2.0, 0.0, 3.0])
+    # no selection: elected signs + + + + (ties count +), energies equal (weights 1/2 each);
+    # entry 1: only x1 agrees -> 2; entry 2: nobody (zeros never agree) -> 0; entry 3: x2 -> 3
+    assert close(merge_tensors("sce", [x1, x2], base), [1.0, 2.0, 0.0, 3.0])
+    # select_topk 0.5: variances 0, 4, 0, 9 -> 2 nonzero, keep int(2 * 0.5) = 1 entry: the last
+    assert close(merge_tensors("sce", [x1, x2], base, select_topk=0.5), [0.0, 0.0, 0.0, 3.0])
+
+
+def test_breadcrumbs_ties_by_hand():
+    # n = 10, density 0.5, gamma 0.1: keep ranks 2-6 by magnitude (the largest is an outlier),
+    # then elect signs and sum the agreeing entries (normalize is off by default)
+    x1 = torch.arange(1.0, 11.0)  # keeps 5, 6, 7, 8, 9
+    x2 = -torch.arange(10.0, 0.0, -1.0)  # keeps -9, -8, -7, -6, -5
+    out = merge_tensors(
+        "breadcrumbs_ties", [x1, x2], torch.zeros(10), weight=[1, 1], density=[0.5, 0.5], gamma=[0.1, 0.1]
+    )
+    assert close(out, [0.0, -9.0, -8.0, -7.0, -6.0, 6.0, 7.0, 8.0, 9.0, 0.0])
 
 
 def test_passthrough_copies_and_scales():
