@@ -275,7 +275,8 @@ def test_sequential_file_writes_every_byte_in_order(tmp_path, monkeypatch, direc
     assert (tmp_path / "x").read_bytes() == b"".join(c.tobytes() for c in chunks)
 
 
-def test_sequential_file_falls_back_when_direct_writes_fail(tmp_path, monkeypatch):
+@pytest.mark.parametrize("size", [30000, 1500])  # the refusal while writing, or first in close()
+def test_sequential_file_falls_back_when_direct_writes_fail(tmp_path, monkeypatch, size):
     monkeypatch.setattr(_SequentialFile, "STAGE", 2 * 4096)
     f = _SequentialFile(tmp_path / "x", True)
     if f.direct is None:
@@ -284,12 +285,12 @@ def test_sequential_file_falls_back_when_direct_writes_fail(tmp_path, monkeypatc
     refused = f.direct
 
     def pwrite(fd, data, offset):
-        if fd == refused and offset > 0:  # the first stage goes out direct, then EINVAL
+        if fd == refused and (offset > 0 or size < 4096):  # EINVAL after the first stage, or at once
             raise OSError(22, "Invalid argument")
         return real(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
-    data = np.arange(30000, dtype=np.uint32).view(np.uint8)
+    data = np.arange(size, dtype=np.uint32).view(np.uint8)
     f.write(data[:5000])
     f.write(data[5000:])
     f.close()

@@ -107,9 +107,9 @@ class _SequentialFile:
 
     def close(self, discard: bool = False) -> None:
         """Write what is staged (unless ``discard``: the file is being thrown away) and close."""
+        if self.stage is not None and not discard:
+            self._flush(self.fill - self.fill % self.ALIGN)  # (may fall back: then no stage is left)
         if self.stage is not None:
-            if not discard:
-                self._flush(self.fill - self.fill % self.ALIGN)
             if self.fill and not discard:  # the last partial block: through the page cache
                 self._write_plain(memoryview(self.stage)[: self.fill])
             self.stage.close()
