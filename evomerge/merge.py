@@ -257,14 +257,11 @@ def _check_sources(job: TensorJob, readers: dict[str, TensorSource]) -> None:
 
 
 class Sink(Protocol):
+    """Takes each merged tensor. A sink that owns a tensor for each output may also have
+    ``destination(name) -> tensor | None``: the merge then writes straight into that tensor
+    where it can, and passes that very tensor to ``__call__`` (see :class:`ModelSink`)."""
+
     def __call__(self, name: str, tensor: torch.Tensor) -> None: ...
-
-
-class ResidentSink(Sink, Protocol):
-    """A sink that owns a tensor for each output: the merge may write straight into it (and then
-    passes that very tensor to ``__call__``)."""
-
-    def destination(self, name: str) -> torch.Tensor | None: ...
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -416,12 +413,17 @@ class ModelSink:
         self.targets.update(dict(model.named_buffers()))
         self.written: set[str] = set()
 
-    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+    def check(self, name: str, shape) -> torch.Tensor:
+        """The parameter that output ``name`` of ``shape`` goes to, or a clear error."""
         target = self.targets.get(name)
         if target is None:
             raise EvomergeError(f"the resident model has no parameter {name!r}")
-        if target.shape != tensor.shape:
-            raise EvomergeError(f"{name}: merged shape {list(tensor.shape)} != model's {list(target.shape)}")
+        if tuple(target.shape) != tuple(shape):
+            raise EvomergeError(f"{name}: merged shape {list(shape)} != model's {list(target.shape)}")
+        return target
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        target = self.check(name, tensor.shape)
         if tensor is not target:  # (merged straight into it otherwise)
             with torch.no_grad():
                 target.copy_(tensor)
@@ -442,12 +444,8 @@ def merge_into_model(
     recipe, folder = _recipe(recipe)
     plan = plan_merge(recipe, relative_to=folder, readers=readers)
     sink = ModelSink(model)
-    for name, shape, _ in output_layout(plan):  # checked before any parameter is overwritten
-        target = sink.targets.get(name)
-        if target is None:
-            raise EvomergeError(f"the resident model has no parameter {name!r}")
-        if tuple(target.shape) != tuple(shape):
-            raise EvomergeError(f"{name}: merged shape {list(shape)} != model's {list(target.shape)}")
+    for name, shape, _ in output_layout(plan):  # all checked before any parameter is overwritten
+        sink.check(name, shape)
     device = next(model.parameters()).device
     execute(plan, sink, device=device)
     tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - set(

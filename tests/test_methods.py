@@ -403,11 +403,15 @@ def test_every_method_runs_on_cuda_and_matches_cpu(method):
         assert torch.allclose(cpu, gpu.cpu(), atol=1e-5)
 
 
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The rule keeping the k largest entries of ``values``, applied to them."""
+    itself = blockwise.Elementwise(lambda v: v, [values])
+    return sparsify.Ranked(itself, sparsify.top_k(itself, k)).mask()
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 3000), k=st.integers(0, 3000), levels=st.integers(1, 50), seed=st.integers(0, 99))
-def test_top_k_mask_selects_exactly_the_k_largest_with_lowest_index_ties(n, k, levels, seed):
-    from evomerge.methods.sparsify import top_k_mask
-
+def test_top_k_selects_exactly_the_k_largest_with_lowest_index_ties(n, k, levels, seed):
     g = torch.Generator().manual_seed(seed)
     values = torch.randint(levels, (n,), generator=g).float()  # many ties
     mask = top_k_mask(values, k)
@@ -417,9 +421,7 @@ def test_top_k_mask_selects_exactly_the_k_largest_with_lowest_index_ties(n, k, l
     assert set(mask.nonzero().flatten().tolist()) == set(order)
 
 
-def test_top_k_mask_on_large_tensors_matches_a_full_sort():
-    from evomerge.methods.sparsify import top_k_mask
-
+def test_top_k_on_large_tensors_matches_a_full_sort():
     values = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0)).abs()
     for k in [1, 1000, 500_000, 999_999]:
         expected = torch.zeros(values.numel(), dtype=torch.bool)

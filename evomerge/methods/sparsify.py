@@ -113,12 +113,6 @@ def _rule(values: torch.Tensor, positions: torch.Tensor | None, need: int) -> To
     return TopK(value, int(last) + 1)
 
 
-def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` largest entries of a 1-D tensor (ties: lowest index first)."""
-    itself = Elementwise(lambda v: v, [values])
-    return Ranked(itself, top_k(itself, k)).mask()
-
-
 def keep_count(numel: int, density: float) -> int:
     """Entries kept at ``density``: floor(density * numel), but at least one (as mergekit)."""
     return max(1, int(density * numel))
